@@ -1,0 +1,50 @@
+"""A precision plan is data: which nodes stay float, and which range method/percentile each tensor gets.
+
+Search produces plans, the builder consumes them, export writes them. Nothing else travels between those steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from .ranges import check_method
+
+
+@dataclass
+class PrecisionPlan:
+    method: str = "default"
+    percentile: float = 99.99
+    per_channel: bool = True
+    float_nodes: list[str] = field(default_factory=list)
+    # tensor name -> {"method": ..., "percentile": ...}: per-region calibration (xquant custom_setting)
+    tensor_overrides: dict[str, dict] = field(default_factory=dict)
+    target: str = "ort-cpu"
+    activation_type: str | None = None  # None: the target's
+    # provenance for humans (why nodes are float); not used by the builder
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        check_method(self.method)
+        for o in self.tensor_overrides.values():
+            check_method(o.get("method", self.method))
+        self.float_nodes = sorted(set(self.float_nodes))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrecisionPlan":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def key(self) -> str:
+        d = self.to_dict()
+        d.pop("notes")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_float(self, extra_nodes, **changes) -> "PrecisionPlan":
+        d = self.to_dict()
+        d["float_nodes"] = sorted(set(self.float_nodes) | set(extra_nodes))
+        d.update(changes)
+        return PrecisionPlan.from_dict(d)

@@ -1,0 +1,192 @@
+"""The quantize pipeline: model -> statistics (cached) -> plan -> QDQ model, with float regions resolved up front.
+
+`prepare()` does the expensive, plan-independent part once (load, simplify, calibrate or hit the cache) and returns
+a `Workspace` that sensitivity analysis and search reuse to build many plans.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .build import QDQBuilder
+from .config import QuantizeConfig
+from .data import SyntheticData, build_calibration_data
+from .errors import SensqError
+from .model import Graph, HeadInfo, detect_yolo_head, load_model, simplify, truncation_region
+from .plan import PrecisionPlan
+from .statistics import CalibrationStats, collect, stats_key
+
+log = logging.getLogger("sensq")
+
+
+def cache_dir(cfg: QuantizeConfig | None = None) -> Path:
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
+
+
+@dataclass
+class Workspace:
+    """Plan-independent state of one model + calibration set."""
+
+    cfg: QuantizeConfig
+    model: onnx.ModelProto
+    graph: Graph
+    head: HeadInfo | None
+    stats: CalibrationStats
+    builder: QDQBuilder
+    base_plan: PrecisionPlan
+    float_reasons: dict[str, list[str]] = field(default_factory=dict)  # reason -> nodes
+    stats_cached: bool = False
+    calibration_seconds: float = 0.0
+    data: object = None  # the calibration samples (CalibrationData or SyntheticData), re-read for analysis
+
+    def samples(self, n: int) -> list[dict]:
+        """The first n calibration samples as feed dicts (analysis runs on these, as xquant's report does)."""
+        out = []
+        for feed in self.data:
+            if len(out) >= n:
+                break
+            out.append(feed)
+        return out
+
+    def build(self, plan: PrecisionPlan | None = None) -> onnx.ModelProto:
+        return self.builder.build(plan or self.base_plan)
+
+
+def load_and_simplify(cfg: QuantizeConfig) -> onnx.ModelProto:
+    model = load_model(cfg.model_path)
+    if cfg.skip_onnxsim:
+        return model
+    slim = simplify(model)
+    # Simplifiers may rename or fold tensors the user refers to; never trade a working config for a smaller graph.
+    needed = set(cfg.truncate_var_names) | {t for cs in cfg.custom_setting for t in cs.input_names + cs.output_names}
+    needed_nodes = set(cfg.float_nodes) | {n for cs in cfg.custom_setting for n in cs.node_names}
+    g = Graph(slim)
+    if any(not g.has_tensor(t) for t in needed) or any(n not in g.nodes for n in needed_nodes):
+        log.warning("onnxslim removed a tensor or node named in the config; using the model unsimplified")
+        return model
+    return slim
+
+
+def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | None) -> tuple[PrecisionPlan, dict[str, list[str]]]:
+    reasons: dict[str, list[str]] = {}
+    overrides: dict[str, dict] = {}
+    if cfg.truncate_var_names:
+        after, warnings = truncation_region(graph, cfg.truncate_var_names)
+        for w in warnings:
+            log.warning(w)
+        reasons[f"after truncate_var_names {cfg.truncate_var_names}"] = sorted(after)
+    if head is not None and cfg.auto_float_head:
+        covered = set().union(*reasons.values()) if reasons else set()
+        extra = head.float_nodes - covered
+        if extra:
+            reasons[head.reason] = sorted(extra)
+    for i, cs in enumerate(cfg.custom_setting):
+        nodes = set(cs.node_names) if cs.node_names else graph.subgraph(cs.input_names, cs.output_names)
+        missing = [n for n in nodes if n not in graph.nodes]
+        if missing:
+            raise SensqError(f"custom_setting[{i}] node {missing[0]!r} not in graph", "check the node names against the model")
+        if (cs.precision_level or 0) >= 1:
+            reasons[f"custom_setting[{i}] precision_level {cs.precision_level}"] = sorted(nodes)
+        elif cs.calibration_type or cs.max_percentile:
+            o = {}
+            if cs.calibration_type:
+                o["method"] = cs.calibration_type
+            if cs.max_percentile:
+                from .ranges import normalize_percentile
+
+                o["percentile"] = normalize_percentile(cs.max_percentile)
+                o.setdefault("method", "percentile")
+            for n in nodes:
+                for t in graph.nodes[n].output:
+                    overrides[t] = o
+    if cfg.float_nodes:
+        missing = [n for n in cfg.float_nodes if n not in graph.nodes]
+        if missing:
+            raise SensqError(f"float node {missing[0]!r} not in graph", "check the node names (Netron shows them)")
+        reasons["listed in float_nodes"] = sorted(cfg.float_nodes)
+    if cfg.float_op_types:
+        ops = set(cfg.float_op_types)
+        reasons[f"op type in float_op_types {sorted(ops)}"] = sorted(n for n, node in graph.nodes.items() if node.op_type in ops)
+    if cfg.precision_level:
+        log.warning("global precision_level %s: sensq applies precision_level to custom_setting regions only", cfg.precision_level)
+    float_nodes = sorted(set().union(*reasons.values())) if reasons else []
+    plan = PrecisionPlan(method=cfg.calibration_type, percentile=cfg.max_percentile, per_channel=cfg.per_channel,
+                         float_nodes=float_nodes, tensor_overrides=overrides, target=cfg.target,
+                         activation_type=cfg.activation_type,
+                         notes=[f"{len(v)} node(s) float: {k}" for k, v in reasons.items()])
+    return plan, reasons
+
+
+def calibration_statistics(cfg: QuantizeConfig, model: onnx.ModelProto, yolo: bool, progress: bool = True):
+    """Statistics from the cache when model, files and preprocessing match; else one calibration pass."""
+    if cfg.data_free:
+        data = SyntheticData(cfg, model, yolo)
+        log.warning("data-free mode: activation ranges come from %d synthetic inputs; expect lower accuracy than "
+                    "with real calibration images (the per-layer report shows where)", len(data))
+    else:
+        data = build_calibration_data(cfg, model, yolo)
+    model_bytes = model.SerializeToString()
+    key = stats_key(model_bytes, data.fingerprint())
+    path = cache_dir(cfg) / "stats" / f"{key}.npz"
+    if path.is_file():
+        try:
+            stats = CalibrationStats.load(path)
+            if stats.key == key:
+                log.info("calibration statistics from cache %s (%d samples)", path, stats.n_samples)
+                return stats, True, 0.0, data
+        except Exception:
+            log.warning("calibration cache %s is unreadable; recalibrating", path)
+    t = time.perf_counter()
+    stats = collect(model, iter(data), len(data), progress=progress)
+    seconds = time.perf_counter() - t
+    stats.key = key
+    try:
+        stats.save(path)
+    except OSError as e:
+        log.warning("could not write calibration cache %s: %s", path, e)
+    return stats, False, seconds, data
+
+
+def prepare(cfg: QuantizeConfig, progress: bool = True) -> Workspace:
+    model = load_and_simplify(cfg)
+    graph = Graph(model)
+    head = detect_yolo_head(graph)
+    plan, reasons = resolve_float_regions(cfg, graph, head)
+    stats, cached, seconds, data = calibration_statistics(cfg, model, yolo=head is not None, progress=progress)
+    builder = QDQBuilder(model, stats)
+    return Workspace(cfg, model, graph, head, stats, builder, plan, reasons, cached, seconds, data)
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    plan: PrecisionPlan
+    float_reasons: dict[str, list[str]]
+    stats_cached: bool
+    calibration_seconds: float
+    build_seconds: float
+    reports: dict[str, Path] = field(default_factory=dict)
+
+
+def quantize(cfg: QuantizeConfig, output: str | Path | None = None, progress: bool = True, analyze: bool | None = None) -> QuantizeResult:
+    """Python API of `sensq quantize`."""
+    ws = prepare(cfg, progress=progress)
+    for reason, nodes in ws.float_reasons.items():
+        log.info("keeping %d node(s) float: %s", len(nodes), reason)
+    out = Path(output) if output else cfg.output_model
+    t = time.perf_counter()
+    ws.builder.build_to(ws.base_plan, out)
+    build_seconds = time.perf_counter() - t
+    result = QuantizeResult(out, ws.base_plan, ws.float_reasons, ws.stats_cached, ws.calibration_seconds, build_seconds)
+    if analyze if analyze is not None else cfg.analysis_enable:
+        from .analysis import cumulative_report
+
+        result.reports = cumulative_report(ws, out_prefix=out.parent / out.name.removesuffix(".onnx").removesuffix(".q"), progress=progress)
+    return result

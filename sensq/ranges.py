@@ -1,0 +1,183 @@
+"""Activation range methods, all computed from cached TensorStats (no inference).
+
+minmax      observed min and max
+percentile  p-th percentile of the values (two-sided for asymmetric grids, of |x| for symmetric ones)
+kl          TensorRT entropy calibration: the |x| threshold whose 128-level quantized histogram is closest in KL
+mse         the clipping range minimising the expected squared quantization error on the target's integer grid
+default     per tensor, the better of minmax and mse by expected error, where mse clips at most DEFAULT_MAX_CLIP
+            of the values; see DEFAULT_RULE below and docs/benchmarks.md for the comparison on the shared models
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SensqError
+from .statistics import TensorStats
+
+METHODS = ("default", "minmax", "percentile", "kl", "mse")
+
+DEFAULT_RULE = (
+    "default = mse range, unless mse clips away more than 0.01 % of the observed values; then the 99.999th "
+    "percentile range if it clips less, else minmax"
+)
+DEFAULT_MAX_CLIP = 1e-4
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Integer grid a range is mapped onto (mirrors onnxruntime's compute_scale_zp)."""
+
+    qmin: int = 0
+    qmax: int = 255
+    symmetric: bool = False
+
+    @classmethod
+    def for_activation(cls, dtype: str, symmetric: bool) -> "Grid":
+        return cls(-128, 127, symmetric) if dtype == "int8" else cls(0, 255, symmetric)
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise SensqError(f"calibration_type {method} not implemented yet", f"use one of: {', '.join(METHODS)}")
+    return method
+
+
+def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 99.99) -> tuple[float, float]:
+    check_method(method)
+    if st.count == 0:
+        return 0.0, 0.0
+    if method == "minmax" or st.min == st.max:
+        lo, hi = st.min, st.max
+    elif method == "percentile":
+        lo, hi = percentile_range(st, percentile, grid.symmetric)
+    elif method == "kl":
+        t = kl_threshold(st)
+        lo, hi = -t, t
+    elif method == "mse":
+        lo, hi = mse_range(st, grid)
+    else:
+        lo, hi = default_range(st, grid)
+    # A method never widens the observed range.
+    return float(max(lo, st.min)), float(min(hi, st.max))
+
+
+# percentile --------------------------------------------------------------------------------------------------------
+def _quantile_edges(left, right, counts, q_low, q_high):
+    cum = np.cumsum(counts)
+    total = cum[-1]
+    i_lo = int(np.searchsorted(cum, q_low * total, side="right"))
+    i_hi = int(np.searchsorted(cum, q_high * total, side="left"))
+    i_lo, i_hi = min(i_lo, len(counts) - 1), min(i_hi, len(counts) - 1)
+    return left[i_lo], right[i_hi]
+
+
+def percentile_range(st: TensorStats, p: float, symmetric: bool) -> tuple[float, float]:
+    if not 0 < p <= 100:
+        raise SensqError(f"percentile {p} out of range", "give a percentile in (0, 100], e.g. 99.99 (xquant's max_percentile 0.9999 also works)")
+    q = p / 100.0
+    if symmetric:
+        counts = st.absolute()
+        edges = np.arange(len(counts) + 1) * st.bin_width
+        _, t = _quantile_edges(edges[:-1], edges[1:], counts, 0.0, q)
+        return -t, t
+    left, right, counts = st.signed()
+    lo, hi = _quantile_edges(left, right, counts, 1.0 - q, q)
+    return lo, hi
+
+
+def normalize_percentile(value: float) -> float:
+    """xquant writes max_percentile as a fraction (0.9999); sensq as a percent (99.99). Accept both."""
+    return value * 100.0 if 0 < value <= 1.0 else value
+
+
+# kl (TensorRT entropy) ---------------------------------------------------------------------------------------------
+def kl_threshold(st: TensorStats, target_bins: int = 128, max_bins: int = 2048, max_candidates: int = 160) -> float:
+    counts = st.absolute()
+    width = st.bin_width
+    nz = np.nonzero(counts)[0]
+    if nz.size == 0:
+        return 0.0
+    counts = counts[: nz[-1] + 1]
+    factor = int(np.ceil(len(counts) / max_bins))  # rebin to at most 2048 bins, as TensorRT's histogram
+    if factor > 1:
+        pad = (-len(counts)) % factor
+        counts = np.pad(counts, (0, pad)).reshape(-1, factor).sum(axis=1)
+        width *= factor
+    n = len(counts)
+    if n <= target_bins:
+        return n * width
+    best_kl, best_i = np.inf, n
+    step = max(1, (n - target_bins) // max_candidates)
+    tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])  # tail[i] = sum(counts[i:])
+    for i in range(target_bins, n + 1, step):
+        p = counts[:i].copy()
+        p[-1] += tail[i]
+        bounds = (np.arange(target_bins + 1) * i) // target_bins
+        sliced = counts[:i]
+        merged = np.add.reduceat(sliced, bounds[:-1])
+        nonzero = (p != 0)
+        nz_per = np.add.reduceat(nonzero.astype(np.float64), bounds[:-1])
+        per_bin = np.divide(merged, nz_per, out=np.zeros_like(merged), where=nz_per > 0)
+        q = np.repeat(per_bin, np.diff(bounds)) * nonzero
+        p_sum, q_sum = p.sum(), q.sum()
+        if q_sum == 0:
+            continue
+        pn, qn = p / p_sum, q / q_sum
+        mask = pn > 0
+        qm = np.maximum(qn[mask], 1e-12)
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qm)))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i * width
+
+
+# mse ---------------------------------------------------------------------------------------------------------------
+def quant_error(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, grid: Grid) -> np.ndarray:
+    """Expected squared error of quantizing the histogram with each candidate range (vectorised over candidates)."""
+    lo = np.minimum(np.asarray(lo, np.float64), 0.0)[:, None]
+    hi = np.maximum(np.asarray(hi, np.float64), 0.0)[:, None]
+    if grid.symmetric:
+        a = np.maximum(-lo, hi)
+        lo, hi = -a, a
+    scale = np.maximum((hi - lo) / (grid.qmax - grid.qmin), 1e-12)
+    zp = np.round(grid.qmin - lo / scale) if not grid.symmetric else np.round((grid.qmin + grid.qmax) / 2.0) * np.ones_like(scale)
+    q = (np.clip(np.round(centers[None, :] / scale) + zp, grid.qmin, grid.qmax) - zp) * scale
+    return ((q - centers[None, :]) ** 2 * counts[None, :]).sum(axis=1)
+
+
+def mse_range(st: TensorStats, grid: Grid, n_candidates: int = 96) -> tuple[float, float]:
+    left, right, counts = st.signed()
+    keep = counts > 0
+    centers, counts = np.clip((left[keep] + right[keep]) / 2, st.min, st.max), counts[keep]
+    fractions = np.geomspace(0.01, 1.0, n_candidates)
+    lo, hi = st.min, st.max
+    if grid.symmetric:
+        a = max(-lo, hi) * fractions
+        best = a[int(np.argmin(quant_error(centers, counts, -a, a, grid)))]
+        return -best, best
+    for _ in range(2):  # coordinate descent: upper end, then lower end
+        if hi > 0:
+            cand = hi * fractions if _ == 0 else np.unique(np.concatenate([st.max * fractions, [hi]]))
+            hi = cand[int(np.argmin(quant_error(centers, counts, np.full(cand.shape, lo), cand, grid)))]
+        if lo < 0:
+            cand = np.unique(np.concatenate([st.min * fractions, [lo]]))
+            lo = cand[int(np.argmin(quant_error(centers, counts, cand, np.full(cand.shape, hi), grid)))]
+    return lo, hi
+
+
+def clipped_fraction(st: TensorStats, lo: float, hi: float) -> float:
+    left, right, counts = st.signed()
+    centers = (left + right) / 2
+    return float(counts[(centers < lo) | (centers > hi)].sum() / max(counts.sum(), 1.0))
+
+
+def default_range(st: TensorStats, grid: Grid) -> tuple[float, float]:
+    lo, hi = mse_range(st, grid)
+    if clipped_fraction(st, lo, hi) <= DEFAULT_MAX_CLIP:
+        return lo, hi
+    plo, phi = percentile_range(st, 99.999, grid.symmetric)
+    if clipped_fraction(st, max(plo, st.min), min(phi, st.max)) <= DEFAULT_MAX_CLIP:
+        return plo, phi
+    return st.min, st.max

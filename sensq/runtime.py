@@ -1,0 +1,43 @@
+"""ONNX Runtime sessions made one way everywhere, so latency and results are comparable and deterministic."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import SensqError
+
+DEFAULT_THREADS = int(os.environ.get("SENSQ_THREADS", "0")) or min(os.cpu_count() or 1, 4)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or DEFAULT_THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3  # ORT prints warnings for every unfused QDQ pair otherwise
+    return so
+
+
+def make_session(model, threads: int | None = None, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """Session on the CPU provider from a path, a ModelProto or serialized bytes."""
+    if isinstance(model, ort.InferenceSession):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, (str, Path)):
+        if not Path(model).is_file():
+            raise SensqError(f"model file not found: {model}", "check the path given to --model")
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, sess_options=options or session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types with long messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SensqError(f"ONNX Runtime cannot load the model: {first[:300]}", "export the model again (opset >= 13) or check that the file is a complete .onnx") from e
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    return session.run(outputs, feeds)
