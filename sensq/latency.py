@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from .errors import SensqError
-from .runtime import DEFAULT_THREADS, make_session
+from .runtime import DEFAULT_THREADS, make_session, session_options
 
 ModelLike = onnx.ModelProto | str | Path | bytes
 
@@ -442,14 +442,17 @@ class OrtLatency:
     medians disagree by more than `tolerance` (their interquartile range relative to their median), more blocks
     are added, up to `max_blocks` and `max_seconds` of measurement.
     Repeats: at least `min_repeats` and at least `min_seconds` of measurement (estimated from the warm-up).
-    `spread_ms` is the interquartile range (p75 - p25) of all individual repeats."""
+    `spread_ms` is the interquartile range (p75 - p25) of all individual repeats.
+    `spinning` (None = sensq.runtime's session options, i.e. ORT's default of spin-waiting threads): spinning is
+    fastest on idle cores, but when another process competes for the cores, spin-waiting threads slow down much
+    more (YOLOv5n, 2 threads, one busy core: ~118 ms spinning vs ~82 ms not); use spinning=false on shared machines."""
 
     name = "ort"
     unit = "ms"
 
     def __init__(self, threads: int | None = None, warmup: int = 5, min_repeats: int = 20, min_seconds: float = 0.5,
                  max_seconds: float = 10.0, blocks: int = 5, max_blocks: int = 10, tolerance: float = 0.05,
-                 seed: int = 0, input_shapes: dict[str, list[int]] | None = None):
+                 seed: int = 0, input_shapes: dict[str, list[int]] | None = None, spinning: bool | None = None):
         if warmup < 0 or min_repeats < 1 or blocks < 1 or min_seconds < 0 or max_seconds <= 0 or tolerance < 0:
             raise SensqError("ort latency options out of range",
                              "use warmup >= 0, min_repeats >= 1, blocks >= 1, min_seconds >= 0, max_seconds > 0, tolerance >= 0")
@@ -458,6 +461,15 @@ class OrtLatency:
         self.max_blocks, self.tolerance = max(int(max_blocks), self.blocks), float(tolerance)
         self.min_seconds, self.max_seconds = float(min_seconds), float(max_seconds)
         self.seed, self.input_shapes = int(seed), input_shapes
+        if spinning is not None and not isinstance(spinning, bool):
+            raise SensqError(f"ort option spinning={spinning!r} is not a boolean", "use spinning=true or spinning=false")
+        self.spinning = spinning
+
+    def session_options(self):
+        options = session_options(self.threads)
+        if self.spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        return options
 
     @classmethod
     def from_spec(cls, arg: str, **opts: Any) -> "OrtLatency":
@@ -465,7 +477,7 @@ class OrtLatency:
 
     def measure(self, model: ModelLike) -> LatencyResult:
         t0 = time.perf_counter()
-        session = make_session(model, threads=self.threads)
+        session = make_session(model, options=self.session_options())
         create_ms = (time.perf_counter() - t0) * 1e3
         feeds = random_inputs(session, self.seed, self.input_shapes)
         run = session.run
@@ -500,6 +512,7 @@ class OrtLatency:
         p10, p25, p75, p90 = np.percentile(samples, [10, 25, 75, 90])
         details = {
             "threads": self.threads,
+            "spinning": self.spinning,
             "warmup": len(warm),
             "blocks": len(block_samples),
             "block_agreement": round(_relative_iqr(block_medians), 4),  # IQR / median of the block medians
@@ -512,6 +525,8 @@ class OrtLatency:
             "measure_seconds": round(measure_s, 3),
             "session_create_ms": round(create_ms, 2),
             "spread": "iqr",
+            # other processes competing for the cores show up here; lets a search flag contaminated trials
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         }
         return LatencyResult(ms=float(np.median(block_medians)), spread_ms=float(p75 - p25), repeats=int(samples.size),
                              backend=self.name, details=details)
