@@ -443,16 +443,18 @@ class OrtLatency:
     are added, up to `max_blocks` and `max_seconds` of measurement.
     Repeats: at least `min_repeats` and at least `min_seconds` of measurement (estimated from the warm-up).
     `spread_ms` is the interquartile range (p75 - p25) of all individual repeats.
-    `spinning` (None = sensq.runtime's session options, i.e. ORT's default of spin-waiting threads): spinning is
-    fastest on idle cores, but when another process competes for the cores, spin-waiting threads slow down much
-    more (YOLOv5n, 2 threads, one busy core: ~118 ms spinning vs ~82 ms not); use spinning=false on shared machines."""
+    `spinning` is off by default: ORT's spin-waiting worker threads are a little faster on idle cores but collapse
+    when another process competes for them (YOLOv5n, 2 threads on 2 cores under load: ~145 ms and +-140 % run to
+    run with spinning, ~55 ms and +-6 % without), which would let background load decide the search. Use
+    spinning=true on a dedicated machine to time what a deployment with ORT defaults sees; None keeps
+    sensq.runtime's session options unchanged."""
 
     name = "ort"
     unit = "ms"
 
     def __init__(self, threads: int | None = None, warmup: int = 5, min_repeats: int = 20, min_seconds: float = 0.5,
                  max_seconds: float = 10.0, blocks: int = 5, max_blocks: int = 10, tolerance: float = 0.05,
-                 seed: int = 0, input_shapes: dict[str, list[int]] | None = None, spinning: bool | None = None):
+                 seed: int = 0, input_shapes: dict[str, list[int]] | None = None, spinning: bool | None = False):
         if warmup < 0 or min_repeats < 1 or blocks < 1 or min_seconds < 0 or max_seconds <= 0 or tolerance < 0:
             raise SensqError("ort latency options out of range",
                              "use warmup >= 0, min_repeats >= 1, blocks >= 1, min_seconds >= 0, max_seconds > 0, tolerance >= 0")
