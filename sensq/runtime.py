@@ -19,6 +19,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # ORT prints warnings for every unfused QDQ pair otherwise
+    # Spin-waiting threads fight the evaluator's post-processing thread (and any other load) for 2 cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
