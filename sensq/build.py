@@ -180,7 +180,7 @@ class QDQBuilder:
         try:
             with _fast_find_by_name():
                 q = _CachingQDQQuantizer(
-                    model, plan.per_channel, False, QuantType.QInt8, act, tensors_range,
+                    model, plan.per_channel, target.reduce_range_weights, QuantType.QInt8, act, tensors_range,
                     [], list(plan.float_nodes), list(target.resolved_op_types()), extra, param_cache=self._param_cache)
                 out = q.quantize_model()
         finally:
@@ -189,6 +189,9 @@ class QDQBuilder:
 
     def build_to(self, plan: PrecisionPlan, path: str | Path) -> onnx.ModelProto:
         model = self.build(plan)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(path))
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            onnx.save(model, str(path))
+        except OSError as e:
+            raise SensqError(f"cannot write {path}: {e.strerror or e}", "choose an output path in a writable folder (-o / working_dir)") from e
         return model

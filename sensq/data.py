@@ -129,7 +129,7 @@ class InputSource:
         h = hashlib.sha256()
         for f in self.files:
             st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         h.update(f"{self.shape}|{self.params}|{self.image.key() if self.image else ''}".encode())
         return h.hexdigest()[:16]
 
@@ -182,11 +182,12 @@ def build_calibration_data(cfg: QuantizeConfig, model: onnx.ModelProto, yolo: bo
             f"model has {len(inputs)} ({', '.join(i.name for i in inputs)})",
             "give one input_parametres entry (one --calib) per model input, in the model's input order")
     sources = []
+    by_name = {i.name: i for i in inputs}
     for mi, p in zip(inputs, params):
-        if p.input_name and p.input_name != mi.name:
-            names = [i.name for i in inputs]
-            if p.input_name not in names:
-                raise SensqError(f"input_name {p.input_name!r} is not a model input", f"model inputs are: {', '.join(names)}")
+        if p.input_name:  # a named entry describes that input, whatever its position in the config
+            if p.input_name not in by_name:
+                raise SensqError(f"input_name {p.input_name!r} is not a model input", f"model inputs are: {', '.join(by_name)}")
+            mi = by_name[p.input_name]
         shape = list(p.input_shape) if p.input_shape else mi.shape
         if shape and shape[0] in (-1, 0):
             shape[0] = 1
@@ -210,7 +211,9 @@ class SyntheticData:
         self.seed = cfg.seed
         params = cfg.inputs or [InputParams() for _ in model_inputs(model)]
         self.inputs = []
+        by_name = {i.name: i for i in model_inputs(model)}
         for mi, p in zip(model_inputs(model), params):
+            mi = by_name.get(p.input_name, mi) if p.input_name else mi
             shape = list(p.input_shape) if p.input_shape else mi.shape
             pre = image_preprocess_for(p, shape, yolo) if p.file_type == "img" and len(shape) == 4 else None
             self.inputs.append((mi.name, shape, pre))

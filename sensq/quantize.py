@@ -67,7 +67,9 @@ def load_and_simplify(cfg: QuantizeConfig) -> onnx.ModelProto:
     # Simplifiers may rename or fold tensors the user refers to; never trade a working config for a smaller graph.
     needed = set(cfg.truncate_var_names) | {t for cs in cfg.custom_setting for t in cs.input_names + cs.output_names}
     needed_nodes = set(cfg.float_nodes) | {n for cs in cfg.custom_setting for n in cs.node_names}
-    g = Graph(slim)
+    g, g0 = Graph(slim), Graph(model)
+    needed = {t for t in needed if g0.has_tensor(t)}  # misspelled names are reported later, by the stage that uses them
+    needed_nodes = {n for n in needed_nodes if n in g0.nodes}
     if any(not g.has_tensor(t) for t in needed) or any(n not in g.nodes for n in needed_nodes):
         log.warning("onnxslim removed a tensor or node named in the config; using the model unsimplified")
         return model

@@ -53,7 +53,8 @@ def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 
     elif method == "percentile":
         lo, hi = percentile_range(st, percentile, grid.symmetric)
     elif method == "kl":
-        t = kl_threshold(st)
+        # 128 levels per side on a symmetric int8 grid (TensorRT); the whole 256-level grid on an asymmetric one.
+        t = kl_threshold(st, target_bins=128 if grid.symmetric else 256)
         lo, hi = -t, t
     elif method == "mse":
         lo, hi = mse_range(st, grid)
@@ -67,8 +68,9 @@ def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 
 def _quantile_edges(left, right, counts, q_low, q_high):
     cum = np.cumsum(counts)
     total = cum[-1]
-    i_lo = int(np.searchsorted(cum, q_low * total, side="right"))
-    i_hi = int(np.searchsorted(cum, q_high * total, side="left"))
+    # round: 99.9/100*1000 is 999.0000000000001 in floating point, which would skip a whole value
+    i_lo = int(np.searchsorted(cum, np.round(q_low * total, 6), side="right"))
+    i_hi = int(np.searchsorted(cum, np.round(q_high * total, 6), side="left"))
     i_lo, i_hi = min(i_lo, len(counts) - 1), min(i_hi, len(counts) - 1)
     return left[i_lo], right[i_hi]
 
@@ -95,6 +97,9 @@ def normalize_percentile(value: float) -> float:
 # kl (TensorRT entropy) ---------------------------------------------------------------------------------------------
 def kl_threshold(st: TensorStats, target_bins: int = 128, max_bins: int = 2048, max_candidates: int = 160) -> float:
     counts = st.absolute()
+    # Exact zeros (ReLU/ReLU6 outputs: often half the values) are representable on every grid and cost nothing;
+    # left in, their spike makes the tiniest thresholds look best (EfficientNet-Lite0: ReLU6 clipped at ~1.0).
+    counts[0] = 0
     width = st.bin_width
     nz = np.nonzero(counts)[0]
     if nz.size == 0:

@@ -193,7 +193,7 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
                 if name in wanted and value.dtype == np.float32:
                     stats[name].update(value)
             for name, value in zip(out_names, outputs):
-                if name in wanted and isinstance(value, np.ndarray) and value.dtype == np.float32:
+                if name in wanted and name not in feed and isinstance(value, np.ndarray) and value.dtype == np.float32:
                     stats[name].update(value)
 
     n = 0
