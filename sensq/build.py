@@ -144,13 +144,15 @@ class QDQBuilder:
         self._ranges: dict[tuple, tuple[float, float]] = {}
         self._param_cache: dict = {}
         self.node_names = [n.name for n in self.model.graph.node]
+        inits = {i.name for i in self.model.graph.initializer}
+        self.io_tensors = {i.name for i in self.model.graph.input if i.name not in inits} | {o.name for o in self.model.graph.output}
 
     # ranges ------------------------------------------------------------------------------------------------------
     def tensor_range(self, name: str, method: str, percentile: float, grid: Grid) -> tuple[float, float]:
         pct = normalize_percentile(percentile) if method == "percentile" else None
         key = (name, method, pct, grid)
         if key not in self._ranges:
-            self._ranges[key] = compute_range(self.stats.tensors[name], method, grid, pct or 99.99)
+            self._ranges[key] = compute_range(self.stats.tensors[name], method, grid, pct or 99.99, is_io=name in self.io_tensors)
         return self._ranges[key]
 
     def ranges(self, plan: PrecisionPlan) -> dict[str, tuple[float, float]]:

@@ -4,8 +4,8 @@ minmax      observed min and max
 percentile  p-th percentile of the values (two-sided for asymmetric grids, of |x| for symmetric ones)
 kl          TensorRT entropy calibration: the |x| threshold whose 128-level quantized histogram is closest in KL
 mse         the clipping range minimising the expected squared quantization error on the target's integer grid
-default     per tensor, the better of minmax and mse by expected error, where mse clips at most DEFAULT_MAX_CLIP
-            of the values; see DEFAULT_RULE below and docs/benchmarks.md for the comparison on the shared models
+default     per tensor: minmax for model inputs and outputs, the 99.99th percentile elsewhere (DEFAULT_RULE; the
+            comparison with every single method on the shared models is in docs/benchmarks.md)
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from .statistics import TensorStats
 
 METHODS = ("default", "minmax", "percentile", "kl", "mse")
 
+DEFAULT_PERCENTILE = 99.99
 DEFAULT_RULE = (
-    "default = mse range, unless mse clips away more than 0.01 % of the observed values; then the 99.999th "
-    "percentile range if it clips less, else minmax"
+    "default = minmax for model inputs and outputs (inputs are bounded by preprocessing; outputs such as logits "
+    "carry the decision in their extremes), the 99.99th percentile for every other activation"
 )
-DEFAULT_MAX_CLIP = 1e-4
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ def check_method(method: str) -> str:
     return method
 
 
-def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 99.99) -> tuple[float, float]:
+def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 99.99, is_io: bool = False) -> tuple[float, float]:
+    """Range of one tensor; `is_io` marks a model input or output (used by the default rule)."""
     check_method(method)
     if st.count == 0:
         return 0.0, 0.0
@@ -59,7 +60,7 @@ def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 
     elif method == "mse":
         lo, hi = mse_range(st, grid)
     else:
-        lo, hi = default_range(st, grid)
+        lo, hi = (st.min, st.max) if is_io else percentile_range(st, DEFAULT_PERCENTILE, grid.symmetric)
     # A method never widens the observed range.
     return float(max(lo, st.min)), float(min(hi, st.max))
 
@@ -170,19 +171,3 @@ def mse_range(st: TensorStats, grid: Grid, n_candidates: int = 96) -> tuple[floa
             cand = np.unique(np.concatenate([st.min * fractions, [lo]]))
             lo = cand[int(np.argmin(quant_error(centers, counts, cand, np.full(cand.shape, hi), grid)))]
     return lo, hi
-
-
-def clipped_fraction(st: TensorStats, lo: float, hi: float) -> float:
-    left, right, counts = st.signed()
-    centers = (left + right) / 2
-    return float(counts[(centers < lo) | (centers > hi)].sum() / max(counts.sum(), 1.0))
-
-
-def default_range(st: TensorStats, grid: Grid) -> tuple[float, float]:
-    lo, hi = mse_range(st, grid)
-    if clipped_fraction(st, lo, hi) <= DEFAULT_MAX_CLIP:
-        return lo, hi
-    plo, phi = percentile_range(st, 99.999, grid.symmetric)
-    if clipped_fraction(st, max(plo, st.min), min(phi, st.max)) <= DEFAULT_MAX_CLIP:
-        return plo, phi
-    return st.min, st.max

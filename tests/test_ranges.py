@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sensq.errors import SensqError
-from sensq.ranges import (METHODS, Grid, check_method, clipped_fraction, compute_range, kl_threshold, mse_range,
+from sensq.ranges import (DEFAULT_PERCENTILE, METHODS, Grid, check_method, compute_range, kl_threshold, mse_range,
                           normalize_percentile, percentile_range, quant_error)
 from sensq.statistics import BINS_PER_SIGN, SAMPLE_CAP, TensorStats
 
@@ -221,6 +221,13 @@ def test_percentile_rank_not_shifted_by_float_rounding():
     assert clipped_fraction(st, lo, hi) == pytest.approx(0.002)
 
 
+def clipped_fraction(st, lo, hi) -> float:
+    """Share of histogram mass whose bin centre lies outside [lo, hi]."""
+    left, right, counts = st.signed()
+    centers = (left + right) / 2
+    return float(counts[(centers < lo) | (centers > hi)].sum() / max(counts.sum(), 1.0))
+
+
 def test_percentile_bounds_and_normalisation():
     st = stats(np.arange(10, dtype=np.float32))
     for bad in (0.0, -1.0, 100.5):
@@ -325,13 +332,14 @@ def test_mse_clips_extreme_outliers():
     assert err[0] < err[1]
 
 
-def test_default_method_picks_a_low_error_range():
+def test_default_rule_minmax_on_model_io_percentile_elsewhere():
     rng = np.random.default_rng(8)
-    x = rng.uniform(-1.0, 3.0, 60000).astype(np.float32)
+    x = np.concatenate([rng.uniform(-1.0, 3.0, 60000), [40.0]]).astype(np.float32)  # one far outlier
     st = stats(x)
-    lo, hi = compute_range(st, "default", UINT8)
-    assert st.min <= lo <= hi <= st.max
-    assert clipped_fraction(st, lo, hi) <= 1e-4
+    inner = compute_range(st, "default", UINT8)
+    assert inner == compute_range(st, "percentile", UINT8, DEFAULT_PERCENTILE)
+    assert inner[1] < 4.0  # the outlier is clipped inside the model...
+    assert compute_range(st, "default", UINT8, is_io=True) == (st.min, st.max)  # ...but kept at a model output
 
 
 # method names ---------------------------------------------------------------------------------------------------
