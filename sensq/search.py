@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class SearchSettings:
     space: str = "default"
     latency: str = "ort"
     low_fidelity: int | None = None  # samples for the first stage; None: a third of the evaluation set (>= 32)
-    sensitivity_limit: int | None = None  # samples per sensitivity run; None: same as low_fidelity
+    sensitivity_limit: int | None = None  # samples per sensitivity run; None: half the evaluation set
     max_drop: float | None = None  # optional constraint: metric drop vs FP32 at most this
     depth: int = 1
     group_by: str = "group"
@@ -117,7 +118,8 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     low = settings.low_fidelity or max(32, n_all // 3)
     low = min(low, n_all)
     settings.low_fidelity = low
-    sens_limit = settings.sensitivity_limit or low
+    # Leave-one-out deltas are small (a few 0.001 mAP), so rank on more samples than the first search stage uses.
+    sens_limit = min(n_all, settings.sensitivity_limit or max(low, n_all // 2))
     backend = latency_mod.make_latency_backend(settings.latency)
 
     groups = quantizable_groups(ws, settings.depth, settings.group_by)
@@ -146,6 +148,7 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
         fp32_file.write_text(json.dumps(fp32))
     metric_name = sens.metric_name
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
     storage = optuna.storages.RDBStorage(settings.storage_url(), heartbeat_interval=30, grace_period=90) \
         if settings.storage_url().startswith(("sqlite", "postgresql", "mysql")) else settings.storage_url()
     constraints = (lambda t: t.user_attrs.get("constraint", [0.0])) if settings.max_drop is not None else None
@@ -196,10 +199,11 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     finished = len(_finished(study))
     bar = tqdm(total=settings.budget, initial=min(finished, settings.budget), desc="search", unit="trial", disable=not progress)
     consecutive_failures = 0
+    latest: list = []
     try:
         while len(_finished(study)) < settings.budget:
-            study.optimize(objective, n_trials=1, catch=())
-            last = study.trials[-1]
+            study.optimize(objective, n_trials=1, catch=(), callbacks=[lambda s, t: latest.append(t)])
+            last = latest[-1]
             if last.state == optuna.trial.TrialState.FAIL:
                 consecutive_failures += 1
                 if consecutive_failures >= 3:
