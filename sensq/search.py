@@ -198,18 +198,11 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
 
     finished = len(_finished(study))
     bar = tqdm(total=settings.budget, initial=min(finished, settings.budget), desc="search", unit="trial", disable=not progress)
-    consecutive_failures = 0
     latest: list = []
     try:
         while len(_finished(study)) < settings.budget:
             study.optimize(objective, n_trials=1, catch=(), callbacks=[lambda s, t: latest.append(t)])
             last = latest[-1]
-            if last.state == optuna.trial.TrialState.FAIL:
-                consecutive_failures += 1
-                if consecutive_failures >= 3:
-                    raise SensqError("three trials in a row failed", "see the log above; rerun the same command to resume")
-                continue
-            consecutive_failures = 0
             bar.update(1)
             front = _front_trials(study)
             best = max((t.values[0] for t in front), default=float("nan"))
