@@ -13,8 +13,18 @@ DATA = Path(os.environ.get("SENSQ_DATA", REPO.parent / "shared" / "data")).resol
 def _need(*parts: str) -> Path:
     p = DATA.joinpath(*parts)
     if not p.exists():
+        if os.environ.get("SENSQ_REQUIRE_DATA"):  # set by .ci/run: CI must not pass by skipping
+            pytest.fail(f"shared data not found at {p} (SENSQ_REQUIRE_DATA is set)")
         pytest.skip(f"shared data not found at {p} (set SENSQ_DATA to the shared/data folder)")
     return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """One calibration cache per test session, never the user's ~/.cache/sensq."""
+    path = tmp_path_factory.mktemp("sensq_cache")
+    os.environ["SENSQ_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
