@@ -17,7 +17,7 @@ import yaml
 from sensq.errors import SensqError
 
 HERE = Path(__file__).parent
-PLAN_FIELDS = {"method", "per_channel", "activation_type", "target"}
+PLAN_FIELDS = {"method", "per_channel", "activation_type", "target", "overflow_fix"}
 
 
 @dataclass
@@ -55,8 +55,12 @@ class SearchSpace:
                         out["group_methods"][g] = m
         return out
 
-    def seed_params(self, ranked_groups: list[str], n_float: int) -> dict:
-        """Optuna params of the seeded trial 'all INT8 (default method) with the top n_float groups float'."""
+    def seed_params(self, ranked_groups: list[str], n_float: int, defaults: dict | None = None) -> dict:
+        """Optuna params of the seeded trial 'the default INT8 model with the top n_float groups float'.
+
+        `defaults` holds the default plan's values (method, per_channel, ...); a knob whose default is not among its
+        choices takes the first choice."""
+        defaults = defaults or {}
         params = {}
         for key, spec in self.params.items():
             kind = spec.get("type")
@@ -65,7 +69,7 @@ class SearchSpace:
                     params[f"float:{g}"] = i < n_float
             elif kind == "categorical":
                 choices = list(spec["choices"])
-                params[key] = "default" if key == "method" and "default" in choices else choices[0]
+                params[key] = defaults[key] if defaults.get(key) in choices else choices[0]
         return params
 
 

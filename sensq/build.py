@@ -113,7 +113,8 @@ class _CachingQDQQuantizer(QDQQuantizer):
 
     def _param_key(self, name, info):
         return (name, str(info.tensor_type), info.axis, info.data_type, self.weight_qType, self.activation_qType,
-                self.is_weight_symmetric(self.weight_qType), self.is_activation_symmetric, self.reduce_range)
+                self.is_weight_symmetric(self.weight_qType), self.is_activation_symmetric, self.reduce_range,
+                repr(self.tensor_quant_overrides.get(name)))
 
     def _calc_initializer_quant_params(self):
         cached, todo = {}, {}
@@ -145,6 +146,10 @@ class QDQBuilder:
         self._param_cache: dict = {}
         self.node_names = [n.name for n in self.model.graph.node]
         inits = {i.name for i in self.model.graph.initializer}
+        # Weights of compute layers that read a model input directly (overflow_fix="first_layer").
+        self.first_layer_weights = sorted({n.input[1] for n in self.model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+                                           and n.input[0] in {i.name for i in self.model.graph.input} and len(n.input) > 1
+                                           and n.input[1] in inits})
         self.io_tensors = {i.name for i in self.model.graph.input if i.name not in inits} | {o.name for o in self.model.graph.output}
 
     # ranges ------------------------------------------------------------------------------------------------------
@@ -177,12 +182,15 @@ class QDQBuilder:
         model.CopyFrom(self.model)
         act = QuantType.QUInt8 if target.activation_type == "uint8" else QuantType.QInt8
         extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True}
+        fix = plan.overflow_fix or target.overflow_fix
+        if fix == "first_layer":
+            extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, "axis": 0}] for w in self.first_layer_weights}
         previous = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # ORT logs an info line per skipped tensor
         try:
             with _fast_find_by_name():
                 q = _CachingQDQQuantizer(
-                    model, plan.per_channel, target.reduce_range_weights, QuantType.QInt8, act, tensors_range,
+                    model, plan.per_channel, fix == "all", QuantType.QInt8, act, tensors_range,
                     [], list(plan.float_nodes), list(target.resolved_op_types()), extra, param_cache=self._param_cache)
                 out = q.quantize_model()
         finally:

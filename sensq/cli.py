@@ -40,6 +40,8 @@ def add_model_args(p: argparse.ArgumentParser, calib_required: bool = False) -> 
     q.add_argument("--target", help="ort-cpu (uint8 activations, default) or tensorrt (symmetric int8)")
     q.add_argument("--activation-type", choices=["uint8", "int8"], help="override the target's activation type")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
+    q.add_argument("--overflow-fix", choices=["first_layer", "all", "none"],
+                   help="7-bit weights against int16 saturation in ORT's x86 kernels without VNNI (default first_layer there, else none)")
     q.add_argument("--truncate", nargs="+", metavar="TENSOR", help="truncate_var_names: everything after these tensors stays float")
     q.add_argument("--float-nodes", nargs="+", metavar="NODE", help="node names kept float")
     q.add_argument("--float-op-types", nargs="+", metavar="OP", help="op types kept float (e.g. Sigmoid Mul)")
@@ -84,7 +86,7 @@ def build_config(args) -> "QuantizeConfig":
         if getattr(args, "color", None):
             ip.color_format = args.color
     simple = {"calib_step": "calibration_step", "method": "calibration_type", "target": "target",
-              "activation_type": "activation_type", "cache_dir": "cache_dir", "seed": "seed"}
+              "activation_type": "activation_type", "cache_dir": "cache_dir", "seed": "seed", "overflow_fix": "overflow_fix"}
     for arg, field_name in simple.items():
         v = getattr(args, arg, None)
         if v is not None:

@@ -79,6 +79,7 @@ class QuantizeConfig:
     target: str = "ort-cpu"
     activation_type: str | None = None
     per_channel: bool = True
+    overflow_fix: str | None = None  # 7-bit weights: first_layer | all | none (None: the target's default)
     float_nodes: list[str] = field(default_factory=list)
     float_op_types: list[str] = field(default_factory=list)
     auto_float_head: bool = True
@@ -144,6 +145,7 @@ class QuantizeConfig:
                 "finetune_level": self.finetune_level, "max_percentile": self.max_percentile / 100.0,
                 "custom_setting": cs, "truncate_var_names": self.truncate_var_names,
                 "target": self.target, "activation_type": self.activation_type, "per_channel": self.per_channel,
+                "overflow_fix": self.overflow_fix,
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types, "auto_float_head": self.auto_float_head,
             },
         }
@@ -154,7 +156,7 @@ _SECTION_KEYS = {
     "calibration_parameters": {"calibration_step", "calibration_device", "calibration_type", "input_parametres",
                                "input_parameters", "data_free", "seed"},
     "quantization_parameters": {"analysis_enable", "precision_level", "finetune_level", "max_percentile", "custom_setting",
-                                "truncate_var_names", "target", "activation_type", "per_channel", "float_nodes",
+                                "truncate_var_names", "target", "activation_type", "per_channel", "overflow_fix", "float_nodes",
                                 "float_op_types", "auto_float_head"},
 }
 
@@ -212,7 +214,7 @@ def config_from_dict(data: dict, base_dir: str | Path = ".") -> QuantizeConfig:
         finetune_level=int(qp.get("finetune_level", 1)), max_percentile=qp.get("max_percentile", 0.9999),
         custom_setting=custom, truncate_var_names=list(qp.get("truncate_var_names", []) or []),
         target=qp.get("target", "ort-cpu"), activation_type=qp.get("activation_type"),
-        per_channel=bool(qp.get("per_channel", True)), float_nodes=list(qp.get("float_nodes", []) or []),
+        per_channel=bool(qp.get("per_channel", True)), overflow_fix=qp.get("overflow_fix"), float_nodes=list(qp.get("float_nodes", []) or []),
         float_op_types=list(qp.get("float_op_types", []) or []), auto_float_head=bool(qp.get("auto_float_head", True)),
         base_dir=str(base_dir),
     )

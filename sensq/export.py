@@ -84,6 +84,7 @@ def xquant_config(ws, plan: PrecisionPlan) -> dict:
     qp["per_channel"] = plan.per_channel
     qp["target"] = plan.target
     qp["activation_type"] = plan.activation_type
+    qp["overflow_fix"] = plan.overflow_fix
     qp["custom_setting"] = [{k: v for k, v in s.__dict__.items() if v not in (None, [], "")} for s in settings]
     return d
 

@@ -21,11 +21,18 @@ class PrecisionPlan:
     tensor_overrides: dict[str, dict] = field(default_factory=dict)
     target: str = "ort-cpu"
     activation_type: str | None = None  # None: the target's
+    overflow_fix: str | None = None  # 7-bit weights: first_layer | all | none; None: the target's default
     # provenance for humans (why nodes are float); not used by the builder
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         check_method(self.method)
+        from .targets import OVERFLOW_FIXES
+
+        if self.overflow_fix is not None and self.overflow_fix not in OVERFLOW_FIXES:
+            from .errors import SensqError
+
+            raise SensqError(f"overflow_fix {self.overflow_fix!r} not supported", f"use one of: {', '.join(OVERFLOW_FIXES)}")
         for o in self.tensor_overrides.values():
             check_method(o.get("method", self.method))
         self.float_nodes = sorted(set(self.float_nodes))

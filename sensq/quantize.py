@@ -121,7 +121,7 @@ def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | No
     float_nodes = sorted(set().union(*reasons.values())) if reasons else []
     plan = PrecisionPlan(method=cfg.calibration_type, percentile=cfg.max_percentile, per_channel=cfg.per_channel,
                          float_nodes=float_nodes, tensor_overrides=overrides, target=cfg.target,
-                         activation_type=cfg.activation_type,
+                         activation_type=cfg.activation_type, overflow_fix=cfg.overflow_fix,
                          notes=[f"{len(v)} node(s) float: {k}" for k, v in reasons.items()])
     return plan, reasons
 

@@ -71,7 +71,7 @@ def plan_for(ws, groups: dict[str, list[str]], choice: dict) -> PrecisionPlan:
         for n in groups[g]:
             for t in ws.graph.nodes[n].output:
                 overrides[t] = {"method": method}
-    changes = {k: choice[k] for k in ("method", "per_channel", "activation_type", "target") if k in choice}
+    changes = {k: choice[k] for k in ("method", "per_channel", "activation_type", "target", "overflow_fix") if k in choice}
     if "percentile" in choice:
         changes["percentile"] = choice["percentile"]
     plan = ws.base_plan.with_float(float_nodes, tensor_overrides=overrides, **changes)
@@ -101,6 +101,7 @@ def trials_frame(study) -> pd.DataFrame:
             "latency_ms": t.values[1] if t.values else a.get("latency_ms"),
             "low_metric": a.get("low_metric"), "float_groups": a.get("float_groups", []),
             "method": a.get("method"), "percentile": a.get("percentile"), "per_channel": a.get("per_channel"),
+            "overflow_fix": a.get("overflow_fix"),
             "bops": a.get("gbops"), "latency_spread_ms": a.get("latency_spread_ms"), "label": a.get("label", ""),
             "n_float_nodes": a.get("n_float_nodes"),
         })
@@ -161,8 +162,14 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
         raise SensqError(f"cannot open Optuna storage {settings.storage_url()}: {str(e).splitlines()[0][:200]}",
                          "give a valid URL such as sqlite:///runs/study.db or postgresql://user:pw@host/db") from e
     if not study.trials:
+        from .targets import get_target
+
+        base = ws.base_plan
+        defaults = {"method": base.method, "per_channel": base.per_channel, "target": base.target,
+                    "activation_type": base.activation_type,
+                    "overflow_fix": base.overflow_fix or get_target(base.target, base.activation_type).overflow_fix}
         for n_float in range(0, min(3, len(ranked)) + 1):  # seeds: all-INT8 and the top 1..3 groups float
-            study.enqueue_trial(space.seed_params(ranked, n_float), user_attrs={"label": "all-INT8" if n_float == 0 else f"seed: top-{n_float} float"})
+            study.enqueue_trial(space.seed_params(ranked, n_float, defaults), user_attrs={"label": "all-INT8" if n_float == 0 else f"seed: top-{n_float} float"})
     (workdir / "search.json").write_text(json.dumps({
         "study_name": name, "storage": settings.storage_url(), "settings": asdict(settings),
         "quantize_config": ws.cfg.to_xquant(), "config_base_dir": ws.cfg.base_dir, "cache_dir": ws.cfg.cache_dir,
@@ -180,6 +187,7 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
         gbops = latency_mod.bops(qmodel) / 1e9
         attrs = {"plan": plan.to_dict(), "float_groups": choice["float_groups"], "method": plan.method,
                  "percentile": plan.percentile if plan.method == "percentile" else None, "per_channel": plan.per_channel,
+                 "overflow_fix": plan.overflow_fix,
                  "latency_ms": lat.ms, "latency_spread_ms": lat.spread_ms, "gbops": gbops,
                  "n_float_nodes": len(plan.float_nodes), "plan_key": plan.key()}
         r_low = evaluator.evaluate(qmodel, limit=low, progress=False)

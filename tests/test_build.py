@@ -38,13 +38,16 @@ def _stock_build(builder: QDQBuilder, plan: PrecisionPlan) -> onnx.ModelProto:
     model.CopyFrom(builder.model)
     ranges = TensorsData(CalibrationMethod.MinMax, {
         n: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for n, (lo, hi) in builder.ranges(plan).items()})
+    fix = plan.overflow_fix or target.overflow_fix
+    extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True}
+    if fix == "first_layer":
+        extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, "axis": 0}] for w in builder.first_layer_weights}
     previous = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
     try:
-        q = QDQQuantizer(model, plan.per_channel, target.reduce_range_weights, QuantType.QInt8,
+        q = QDQQuantizer(model, plan.per_channel, fix == "all", QuantType.QInt8,
                          QuantType.QUInt8 if target.activation_type == "uint8" else QuantType.QInt8, ranges, [],
-                         list(plan.float_nodes), list(target.resolved_op_types()),
-                         {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True})
+                         list(plan.float_nodes), list(target.resolved_op_types()), extra)
         return q.quantize_model()
     finally:
         logging.getLogger().setLevel(previous)
@@ -56,7 +59,8 @@ def test_fast_builder_matches_stock_quantizer_tiny(tmp_path, per_channel, target
     model = onnx.load(conv_relu_conv(tmp_path / "m.onnx"))
     builder = QDQBuilder(model, _stats_for(prepare_model(model)))
     first = builder.model.graph.node[0].name
-    for plan in (PrecisionPlan(method="minmax", per_channel=per_channel, target=target),
+    for plan in (PrecisionPlan(method="minmax", per_channel=per_channel, target=target, overflow_fix="all"),
+                 PrecisionPlan(method="minmax", per_channel=per_channel, target=target, overflow_fix="first_layer"),
                  PrecisionPlan(method="percentile", percentile=99.9, per_channel=per_channel, target=target, float_nodes=[first])):
         fast = builder.build(plan)  # twice: the second build uses the cached weight parameters
         fast = builder.build(plan)
@@ -66,7 +70,7 @@ def test_fast_builder_matches_stock_quantizer_tiny(tmp_path, per_channel, target
 def test_fast_builder_matches_stock_quantizer_yolov5n(yolov5n):
     model = onnx.load(str(yolov5n))
     builder = QDQBuilder(model, _stats_for(prepare_model(model), seed=1))
-    plans = [PrecisionPlan(method="default"),
+    plans = [PrecisionPlan(method="default"), PrecisionPlan(method="minmax", overflow_fix="all"),
              PrecisionPlan(method="percentile", percentile=99.9,
                            float_nodes=[n for n in builder.node_names if n.startswith(("/model.24/", "/model.2/"))])]
     for plan in plans:
