@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import types
 from pathlib import Path
@@ -139,10 +140,15 @@ class _CachingQDQQuantizer(QDQQuantizer):
 class QDQBuilder:
     """Builds QDQ models for many plans from one set of statistics. Range computations are memoised."""
 
-    def __init__(self, model: onnx.ModelProto, stats: CalibrationStats):
+    # kl and mse take seconds over a whole model; they are kept on disk next to the statistics.
+    PERSISTED_METHODS = ("kl", "mse")
+
+    def __init__(self, model: onnx.ModelProto, stats: CalibrationStats, range_cache: Path | None = None):
         self.model = prepare_model(model)
         self.stats = stats
         self._ranges: dict[tuple, tuple[float, float]] = {}
+        self.range_cache = range_cache
+        self._load_ranges()
         self._param_cache: dict = {}
         self.node_names = [n.name for n in self.model.graph.node]
         inits = {i.name for i in self.model.graph.initializer}
@@ -163,11 +169,36 @@ class QDQBuilder:
     def ranges(self, plan: PrecisionPlan) -> dict[str, tuple[float, float]]:
         target = get_target(plan.target, plan.activation_type)
         grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
+        before = len(self._ranges)
         out = {}
         for name in self.stats.tensors:
             o = plan.tensor_overrides.get(name, {})
             out[name] = self.tensor_range(name, o.get("method", plan.method), o.get("percentile", plan.percentile), grid)
+        if len(self._ranges) > before:
+            self._save_ranges()
         return out
+
+    def _load_ranges(self) -> None:
+        if self.range_cache is None or not self.range_cache.is_file():
+            return
+        try:
+            for row in json.loads(self.range_cache.read_text()):
+                name, method, qmin, qmax, symmetric, lo, hi = row
+                self._ranges[(name, method, None, Grid(qmin, qmax, symmetric))] = (lo, hi)
+        except (ValueError, TypeError, OSError):
+            log.warning("range cache %s unreadable; recomputing", self.range_cache)
+
+    def _save_ranges(self) -> None:
+        if self.range_cache is None:
+            return
+        rows = [[n, m, g.qmin, g.qmax, g.symmetric, lo, hi] for (n, m, _, g), (lo, hi) in self._ranges.items()
+                if m in self.PERSISTED_METHODS]
+        try:
+            tmp = self.range_cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows))
+            tmp.replace(self.range_cache)
+        except OSError as e:
+            log.warning("could not write range cache %s: %s", self.range_cache, e)
 
     # build -------------------------------------------------------------------------------------------------------
     def build(self, plan: PrecisionPlan) -> onnx.ModelProto:

@@ -162,7 +162,7 @@ def prepare(cfg: QuantizeConfig, progress: bool = True) -> Workspace:
     head = detect_yolo_head(graph)
     plan, reasons = resolve_float_regions(cfg, graph, head)
     stats, cached, seconds, data = calibration_statistics(cfg, model, yolo=head is not None, progress=progress)
-    builder = QDQBuilder(model, stats)
+    builder = QDQBuilder(model, stats, range_cache=cache_dir(cfg) / "stats" / f"{stats.key}.ranges.json")
     return Workspace(cfg, model, graph, head, stats, builder, plan, reasons, cached, seconds, data)
 
 
