@@ -263,8 +263,7 @@ def write_outputs(study, workdir: Path, fp32: dict, sens: SensitivityResult, met
     fp32_row = {"trial": -1, "state": "COMPLETE", "metric": fp32["metric"], "latency_ms": fp32["latency_ms"],
                 "float_groups": ["(all)"], "method": "-", "percentile": None, "bops": fp32.get("gbops"), "label": "FP32"}
     full = pd.concat([df, pd.DataFrame([fp32_row])], ignore_index=True)
-    references = {"FP32": (fp32["metric"], fp32["latency_ms"])}
-    paths = write_pareto_report(full, workdir, metric_name=metric_name, latency_unit="ms", references=references)
+    paths = write_pareto_report(full, workdir, metric_name=metric_name, latency_unit="ms")  # FP32 is the row labelled so
     front = pareto_front(full)
     front_dir = workdir / "front"
     front_dir.mkdir(exist_ok=True)
