@@ -180,8 +180,6 @@ class QuantizeResult:
 def quantize(cfg: QuantizeConfig, output: str | Path | None = None, progress: bool = True, analyze: bool | None = None) -> QuantizeResult:
     """Python API of `sensq quantize`."""
     ws = prepare(cfg, progress=progress)
-    for reason, nodes in ws.float_reasons.items():
-        log.info("keeping %d node(s) float: %s", len(nodes), reason)
     out = Path(output) if output else cfg.output_model
     t = time.perf_counter()
     ws.builder.build_to(ws.base_plan, out)
