@@ -203,7 +203,9 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: str | Path, metric_
             if text:
                 ax.scatter([row["latency_ms"]], [row["metric"]], s=60, facecolors="none", edgecolors="black", zorder=4)
                 ax.annotate(text, (row["latency_ms"], row["metric"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    for i, (name, (ref_metric, ref_latency)) in enumerate((references or {}).items()):
+    labelled = {_label(row) for _, row in df.iterrows()} if "label" in df.columns else set()
+    drawn = {k: v for k, v in (references or {}).items() if k not in labelled}  # a labelled row is drawn once
+    for i, (name, (ref_metric, ref_latency)) in enumerate(drawn.items()):
         ax.scatter([ref_latency], [ref_metric], s=60, marker="D", color=plots.COLOR_REFERENCE, edgecolors="black",
                    linewidths=0.5, zorder=4, label="reference results" if i == 0 else None)
         ax.annotate(name, (ref_latency, ref_metric), textcoords="offset points", xytext=(6, -12), fontsize=8,
@@ -230,7 +232,9 @@ def write_pareto_report(df: pd.DataFrame, out_dir: str | Path, metric_name: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"pareto.{ext}" for ext in ("csv", "json", "md", "png")}
     front = pareto_front(df)
-    n_complete = len(_complete_rows(df))
+    # Reference rows (trial < 0, e.g. FP32) may sit on the front but are not trials: do not count them.
+    is_trial = pd.to_numeric(df["trial"], errors="coerce").fillna(0) >= 0 if "trial" in df.columns else pd.Series(True, index=df.index)
+    n_all, n_complete = int(is_trial.sum()), len(_complete_rows(df[is_trial]))
 
     front_to_csv_frame(front).to_csv(paths["csv"], index=False)
     doc = {
@@ -238,14 +242,14 @@ def write_pareto_report(df: pd.DataFrame, out_dir: str | Path, metric_name: str 
         "metric_goal": "maximize",
         "latency_unit": latency_unit,
         "latency_goal": "minimize",
-        "all_trials": int(len(df)),
+        "all_trials": n_all,
         "complete_trials": int(n_complete),
         "front": front_records(front),
         "references": {name: {"metric": _jsonable(float(m)), "latency": _jsonable(float(lat))}
                        for name, (m, lat) in references.items()},
     }
     paths["json"].write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["md"].write_text(_markdown(front, len(df), n_complete, metric_name, latency_unit, references,
+    paths["md"].write_text(_markdown(front, n_all, n_complete, metric_name, latency_unit, references,
                                      paths["png"].name), encoding="utf-8")
     plot_pareto(df, front, paths["png"], metric_name, latency_unit, references)
     return paths

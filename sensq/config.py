@@ -139,7 +139,8 @@ class QuantizeConfig:
             "model_parameters": {"onnx_model": self.onnx_model, "output_prefix": self.output_prefix or self.prefix,
                                  "working_dir": self.working_dir or "", "skip_onnxsim": self.skip_onnxsim},
             "calibration_parameters": {"calibration_step": self.calibration_step, "calibration_device": self.calibration_device,
-                                       "calibration_type": self.calibration_type, "input_parametres": inputs},
+                                       "calibration_type": self.calibration_type, "input_parametres": inputs,
+                                       "data_free": self.data_free, "seed": self.seed},
             "quantization_parameters": {
                 "analysis_enable": self.analysis_enable, "precision_level": self.precision_level,
                 "finetune_level": self.finetune_level, "max_percentile": self.max_percentile / 100.0,

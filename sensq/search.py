@@ -136,7 +136,9 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     space.params.setdefault("float_groups", {"type": "group_toggles"})["top_k"] = top_k
 
     # References: FP32 (not a trial: it is not a plan) and, below, the seeded all-INT8 trial.
-    fp32_file = workdir / "cache" / f"fp32-{evaluator_signature(evaluator).replace('/', '_').replace(':', '_')}.json"
+    fp32_key = hashlib.sha256(json.dumps([evaluator_signature(evaluator), settings.latency, ws.stats.key,
+                                          ws.base_plan.key(), low], default=str).encode()).hexdigest()[:16]
+    fp32_file = workdir / "cache" / f"fp32-{fp32_key}.json"
     if fp32_file.is_file():
         fp32 = json.loads(fp32_file.read_text())
     else:
@@ -150,17 +152,20 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     metric_name = sens.metric_name
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
-    storage = optuna.storages.RDBStorage(settings.storage_url(), heartbeat_interval=30, grace_period=90) \
-        if settings.storage_url().startswith(("sqlite", "postgresql", "mysql")) else settings.storage_url()
     constraints = (lambda t: t.user_attrs.get("constraint", [0.0])) if settings.max_drop is not None else None
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=10, constraints_func=constraints)
     name = settings.study_name or _study_name(ws, space, settings, evaluator)
     try:
+        storage = optuna.storages.RDBStorage(settings.storage_url(), heartbeat_interval=30, grace_period=90) \
+            if settings.storage_url().startswith(("sqlite", "postgresql", "mysql")) else settings.storage_url()
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
                                     directions=["maximize", "minimize"])
     except Exception as e:
         raise SensqError(f"cannot open Optuna storage {settings.storage_url()}: {str(e).splitlines()[0][:200]}",
                          "give a valid URL such as sqlite:///runs/study.db or postgresql://user:pw@host/db") from e
+    if study.trials:  # resuming: continue the random stream instead of replaying the first run's samples
+        study.sampler = optuna.samplers.TPESampler(seed=settings.seed + len(study.trials), multivariate=True,
+                                                   n_startup_trials=10, constraints_func=constraints)
     if not study.trials:
         from .targets import get_target
 
@@ -263,10 +268,15 @@ def write_outputs(study, workdir: Path, fp32: dict, sens: SensitivityResult, met
     fp32_row = {"trial": -1, "state": "COMPLETE", "metric": fp32["metric"], "latency_ms": fp32["latency_ms"],
                 "float_groups": ["(all)"], "method": "-", "percentile": None, "bops": fp32.get("gbops"), "label": "FP32"}
     full = pd.concat([df, pd.DataFrame([fp32_row])], ignore_index=True)
-    paths = write_pareto_report(full, workdir, metric_name=metric_name, latency_unit="ms")  # FP32 is the row labelled so
+    references = {"FP32": (fp32["metric"], fp32["latency_ms"])}  # listed in pareto.json/md even when dominated
+    paths = write_pareto_report(full, workdir, metric_name=metric_name, latency_unit="ms", references=references)
     front = pareto_front(full)
     front_dir = workdir / "front"
     front_dir.mkdir(exist_ok=True)
+    on_front = {int(n) for n in front["trial"] if n >= 0}
+    for f in front_dir.glob("trial_*.json"):
+        if f.stem.removeprefix("trial_").isdigit() and int(f.stem.removeprefix("trial_")) not in on_front:
+            f.unlink()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if t.number in set(front["trial"]):
             (front_dir / f"trial_{t.number}.json").write_text(json.dumps({

@@ -1,0 +1,169 @@
+"""Layer groups and leave-one-out sensitivity: module groups on yolov5n (decode never among them), one row per group
+with delta = metric - all-INT8, the on-disk cache (no evaluation on a hit), the top-k summary and `sensq sensitivity`."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sensq.cli import build_config, build_parser, main
+from sensq.config import InputParams, QuantizeConfig
+from sensq.quantize import prepare
+from sensq.runtime import make_session
+from sensq.sensitivity import quantizable_groups, run_sensitivity, summary, write_report
+from sensq.targets import get_target
+
+from test_search import PNG_SIGNATURE, make_tiny, restore_sensq_logger  # noqa: F401 (autouse)
+
+TOP_LINE = re.compile(r"^Top(\d+): float (\S+) → neg_mse (-?\d+\.\d{4}) \(([+-]\d+\.\d{4}) vs all-INT8\)$")
+
+
+@pytest.fixture(scope="module")
+def yolo_ws(yolov5n, coco_dir):
+    cfg = QuantizeConfig(onnx_model=str(yolov5n), calibration_step=8,
+                         inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))])
+    return prepare(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("sens"))
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tiny):
+    return tiny.workspace()
+
+
+# ------------------------------------------------------------------------------------------------ groups
+def test_yolov5n_module_groups_depth1(yolo_ws):
+    groups = quantizable_groups(yolo_ws, depth=1)
+    assert set(groups) == {f"model.{i}" for i in range(25)}
+    assert list(groups)[0] == "model.0"
+    decode = set(yolo_ws.head.float_nodes)
+    assert decode and all(n.startswith("/model.24/") for n in decode)
+    members = [n for nodes in groups.values() for n in nodes]
+    assert len(members) == len(set(members))
+    assert not decode & set(members)
+    for g, nodes in groups.items():
+        assert all(n.startswith(f"/{g}/") for n in nodes), g
+    # exactly the nodes the base plan quantizes: op types of the target, not float
+    ops = set(get_target(yolo_ws.base_plan.target, yolo_ws.base_plan.activation_type).resolved_op_types())
+    expected = {n.name for n in yolo_ws.builder.model.graph.node
+                if n.op_type in ops and n.name not in set(yolo_ws.base_plan.float_nodes)}
+    assert set(members) == expected
+    # model.24 keeps its three output convolutions (the decode after them stays float)
+    assert sorted(groups["model.24"]) == [f"/model.24/m.{i}/Conv" for i in range(3)]
+
+
+def test_yolov5n_depth2_splits_groups(yolo_ws):
+    g1 = quantizable_groups(yolo_ws, depth=1)
+    g2 = quantizable_groups(yolo_ws, depth=2)
+    assert len(g2) > len(g1)
+    assert {"model.2/cv1", "model.2/m", "model.24/m.0"} <= set(g2)
+    assert sorted(n for v in g2.values() for n in v) == sorted(n for v in g1.values() for n in v)
+    for key, nodes in g2.items():
+        parent = key.split("/")[0]
+        assert set(nodes) <= set(g1[parent]), key
+    split = [g for g in g1 if sum(k.split("/")[0] == g for k in g2) > 1]
+    assert len(split) >= 10  # most modules have sub-modules
+    by_node = quantizable_groups(yolo_ws, by="node")
+    assert all(k == v[0] and len(v) == 1 for k, v in by_node.items())
+    assert len(by_node) == sum(len(v) for v in g1.values())
+
+
+# ------------------------------------------------------------------------------------------------ leave-one-out
+def test_run_sensitivity_rows_and_deltas(tiny, tiny_ws, tmp_path):
+    ws, ev = tiny_ws, tiny.evaluator()
+    res = run_sensitivity(ws, ev, limit=8, progress=False, cache=tmp_path / "cache")
+    groups = quantizable_groups(ws)
+    assert list(res.table["group"]) == list(groups) == ["conv1", "relu", "conv2"]
+    assert res.metric_name == "neg_mse" and res.limit == 8
+    assert res.int8_metric == ev.evaluate(ws.build(), limit=8).value
+    assert res.fp32_metric == ev.evaluate(ws.model, limit=8).value
+    for _, row in res.table.iterrows():
+        assert row["delta"] == row["metric"] - res.int8_metric
+        assert row["n_nodes"] == len(groups[row["group"]])
+        qmodel = ws.build(ws.base_plan.with_float(groups[row["group"]]))
+        assert row["metric"] == ev.evaluate(qmodel, limit=8).value
+    # the proxy column: output SNR over the first 8 calibration samples, by hand for conv2
+    feeds = ws.samples(8)
+    f = np.concatenate([make_session(ws.model).run(None, x)[0].ravel() for x in feeds]).astype(np.float64)
+    qsess = make_session(ws.build(ws.base_plan.with_float(groups["conv2"])))
+    q = np.concatenate([qsess.run(None, x)[0].ravel() for x in feeds]).astype(np.float64)
+    snr = float(np.sum((q - f) ** 2) / np.sum(f ** 2))
+    got = float(res.table.loc[res.table["group"] == "conv2", "output_snr"].iloc[0])
+    assert abs(got - snr) <= 1e-6 * snr
+    # ranked by metric, best first; keeping the best group float recovers accuracy
+    assert res.ranked_groups == list(res.table.sort_values("metric", ascending=False, kind="mergesort")["group"])
+    assert res.table.set_index("group").loc[res.ranked_groups[0], "delta"] > 0
+
+
+def test_sensitivity_cache_hit_does_no_evaluation(tiny, tiny_ws, tmp_path):
+    ws, ev = tiny_ws, tiny.evaluator()
+    cache = tmp_path / "cache"
+    first = run_sensitivity(ws, ev, limit=8, progress=False, cache=cache)
+    assert ev.calls == 2 + 3  # FP32, all-INT8 and one per group
+    assert len(list(cache.glob("sensitivity-*.json"))) == 1
+    again = run_sensitivity(ws, ev, limit=8, progress=False, cache=cache)
+    assert ev.calls == 5, "the cached result was re-evaluated"
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert (again.int8_metric, again.fp32_metric, again.metric_name, again.limit) == \
+           (first.int8_metric, first.fp32_metric, first.metric_name, first.limit)
+    # another sample limit is another result
+    run_sensitivity(ws, ev, limit=4, progress=False, cache=cache)
+    assert ev.calls == 10
+    assert len(list(cache.glob("sensitivity-*.json"))) == 2
+    # no cache dir: always evaluated
+    run_sensitivity(ws, ev, limit=8, progress=False)
+    assert ev.calls == 15
+
+
+def test_summary_lines(tiny, tiny_ws, tmp_path):
+    res = run_sensitivity(tiny_ws, tiny.evaluator(), limit=16, progress=False, cache=tmp_path / "c")
+    text = summary(res, 10)
+    head, *lines = text.splitlines()
+    assert head == (f"Sensitive summary (neg_mse; FP32 {res.fp32_metric:.4f}, all-INT8 {res.int8_metric:.4f}, "
+                    f"first 16 samples):")
+    assert len(lines) == 3
+    by_group = res.table.set_index("group")
+    ranked = res.ranked_groups
+    for i, line in enumerate(lines):
+        m = TOP_LINE.match(line)
+        assert m, line
+        assert int(m.group(1)) == i and m.group(2) == ranked[i]
+        assert m.group(3) == f"{by_group.loc[ranked[i], 'metric']:.4f}"
+        assert m.group(4) == f"{by_group.loc[ranked[i], 'delta']:+.4f}"
+    assert "(+0.0" in lines[0]  # the top group improves on all-INT8
+    assert len(summary(res, 1).splitlines()) == 2
+    paths = write_report(res, tmp_path / "rep")
+    assert sorted(p.name for p in paths.values()) == ["sensitivity.csv", "sensitivity.md", "sensitivity.png"]
+
+
+def test_cli_sensitivity_writes_reports(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["sensitivity", *tiny.model_args(), "--data", str(tiny.data), "--task", tiny.task, "--limit", "8",
+            "-o", str(out), "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for name in ("sensitivity.csv", "sensitivity.md", "sensitivity.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+        assert f"{out / name}" in printed
+    assert (out / "sensitivity.png").read_bytes()[:8] == PNG_SIGNATURE
+    csv = pd.read_csv(out / "sensitivity.csv")
+    assert sorted(csv["group"]) == ["conv1", "conv2", "relu"]
+    assert list(csv["rank"]) == [0, 1, 2]
+    assert list(csv["metric"]) == sorted(csv["metric"], reverse=True)
+    top = [line for line in printed.splitlines() if TOP_LINE.match(line)]
+    assert len(top) == 3 and TOP_LINE.match(top[0]).group(2) == csv["group"][0]
+    md = (out / "sensitivity.md").read_text(encoding="utf-8")
+    assert "neg_mse" in md and all(g in md for g in csv["group"])
+    # the CSV's delta column is metric - all-INT8 (all-INT8 from the evaluator on the same 8 samples)
+    ws = prepare(build_config(build_parser().parse_args(args)), progress=False)
+    int8 = tiny.evaluator().evaluate(ws.build(), limit=8).value
+    assert np.allclose(csv["delta"], csv["metric"] - int8, rtol=0, atol=1e-12)
+    # rerun: from the cache in <out>/cache, same table
+    assert main(args) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "sensitivity.csv"), csv)
