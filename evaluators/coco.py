@@ -644,6 +644,11 @@ class DetectionEvaluator:
         self.preprocessor: ImagePreprocess | None = None  # of the cached pixels
         self.pixels: list = []  # cache: (uint8 CHW letterboxed pixels, geometry) per image, in order
         self.last_detections: np.ndarray | None = None  # rows of the last evaluate() (for inspection and tests)
+        # Detections per image of the last InferenceSession evaluated: scoring the same session on more images
+        # (a search's low-fidelity then full pass) only runs the images not seen yet.
+        self._memo_session = None
+        self._memo_rows: list[np.ndarray] = []
+        self._memo_state: dict = {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -689,10 +694,15 @@ class DetectionEvaluator:
                 rows.append(to_coco_rows(self.data.image_ids[i], xyxy, scores, state["cats"][cls]))
             return rows
 
+        if not (model is session and self._memo_session is session):  # only a session passed in twice is reused
+            self._memo_session, self._memo_rows, self._memo_state = (session if model is session else None), [], {}
+        done = min(len(self._memo_rows), n) // bs * bs  # whole batches already decoded for this session
+        if done:
+            state.update(self._memo_state)
         # Decode image i on a worker thread while the main thread runs inference on image i+1 (ORT releases the GIL).
         with ThreadPoolExecutor(1) as worker:
             futures = []
-            for first in tqdm(range(0, n, bs), desc=f"{self.name}: evaluate", disable=not progress, leave=False):
+            for first in tqdm(range(done, n, bs), desc=f"{self.name}: evaluate", disable=not progress, leave=False):
                 px = [p for p, _ in self.pixels[first:first + bs]]
                 real = len(px)
                 if real < bs and isinstance(inp.shape[0], int):
@@ -701,9 +711,11 @@ class DetectionEvaluator:
                 with watch:
                     out = session.run([out_name], {inp.name: x})[0]
                 futures.append(worker.submit(post, out[:real], first))
-                if first == 0:
+                if first == done:
                     futures[0].result()  # surface layout / class-count errors before running every image
-            rows = [r for f in futures for r in f.result()]
+            rows = self._memo_rows[:done] + [r for f in futures for r in f.result()]
+        if self._memo_session is not None and len(rows) > len(self._memo_rows):
+            self._memo_rows, self._memo_state = rows, dict(state)
         dets = np.concatenate(rows) if rows else np.zeros((0, 7))
         self.last_detections = dets
         stats = coco_stats(self.data.gt, dets, self.data.image_ids[:n], self.metric)

@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="default", help="search space: a name in sensq/search_spaces or a YAML file")
     p.add_argument("--latency", default="ort", help="latency backend: ort, bops, 'cmd:<command with {model}>', table:<file.csv>")
     p.add_argument("--low-fidelity", type=int, help="samples for first-stage scoring (default a third of the data, >= 32)")
-    p.add_argument("--sensitivity-limit", type=int, help="samples per sensitivity run (default half the evaluation set)")
+    p.add_argument("--sensitivity-limit", type=int, help="samples per sensitivity run (default = --low-fidelity)")
     p.add_argument("--max-drop", type=float, help="constraint: metric drop vs FP32 at most this (e.g. 0.005)")
     p.add_argument("--top-k", type=int, help="number of most sensitive groups the search toggles (default from the space: 12)")
     p.add_argument("--unit", choices=["group", "node"], default="group", help="toggle module groups (default) or single nodes")

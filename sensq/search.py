@@ -21,12 +21,14 @@ from tqdm import tqdm
 
 from . import latency as latency_mod
 from .errors import SensqError
+from .runtime import make_session
 from .plan import PrecisionPlan
 from .search_spaces import SearchSpace, load_space
 from .sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 
 log = logging.getLogger("sensq")
 
+REFERENCE_REFRESH_S = 60.0  # measured latencies are rescaled by an FP32 measurement at most this old
 LATENCY_TOLERANCE = 0.02  # relative: measured latencies closer than this are treated as equal when pruning
 PRUNE_MARGIN = 0.002  # metric: a low-fidelity score this much below a faster finished trial's is pruned
 
@@ -41,7 +43,7 @@ class SearchSettings:
     space: str = "default"
     latency: str = "ort"
     low_fidelity: int | None = None  # samples for the first stage; None: a third of the evaluation set (>= 32)
-    sensitivity_limit: int | None = None  # samples per sensitivity run; None: half the evaluation set
+    sensitivity_limit: int | None = None  # samples per sensitivity run; None: same as low_fidelity
     max_drop: float | None = None  # optional constraint: metric drop vs FP32 at most this
     depth: int = 1
     group_by: str = "group"
@@ -119,8 +121,7 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     low = settings.low_fidelity or max(32, n_all // 3)
     low = min(low, n_all)
     settings.low_fidelity = low
-    # Leave-one-out deltas are small (a few 0.001 mAP), so rank on more samples than the first search stage uses.
-    sens_limit = min(n_all, settings.sensitivity_limit or max(low, n_all // 2))
+    sens_limit = min(n_all, settings.sensitivity_limit or low)
     backend = latency_mod.make_latency_backend(settings.latency)
 
     groups = quantizable_groups(ws, settings.depth, settings.group_by)
@@ -143,7 +144,8 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
         fp32 = json.loads(fp32_file.read_text())
     else:
         res = evaluator.evaluate(ws.model, progress=progress)
-        lat = backend.measure(ws.model)
+        runs = sorted((backend.measure(ws.model) for _ in range(3)), key=lambda r: r.ms)
+        lat = runs[1]  # median of three measurements: the reference every trial is compared with
         fp32 = {"metric": res.value, "latency_ms": lat.ms, "latency_spread_ms": lat.spread_ms,
                 "low_metric": evaluator.evaluate(ws.model, limit=low, progress=False).value,
                 "gbops": latency_mod.bops(ws.model) / 1e9, "eval_seconds": res.seconds}
@@ -183,31 +185,44 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     }, indent=1, default=str))
 
     eval_seconds = {"low": [], "full": []}
+    # Shared VMs drift in speed by tens of percent over minutes. For measured (ms) backends every trial's latency is
+    # rescaled by FP32 measured close in time: latency = measured x (FP32 reference / FP32 now), so trials measured
+    # in a slow phase are not penalised. The raw number is kept in the trial's attributes.
+    recent_fp32 = {"ms": fp32["latency_ms"], "at": time.monotonic()}
+
+    def normalised(ms: float) -> float:
+        if backend.unit != "ms":
+            return ms
+        if time.monotonic() - recent_fp32["at"] > REFERENCE_REFRESH_S:
+            recent_fp32.update(ms=backend.measure(ws.model).ms, at=time.monotonic())
+        return ms * fp32["latency_ms"] / recent_fp32["ms"]
 
     def objective(trial: optuna.Trial):
         choice = space.suggest(trial, ranked)
         plan = plan_for(ws, groups, choice)
         qmodel = ws.build(plan)
         lat = backend.measure(qmodel)
+        latency_ms = normalised(lat.ms)
         gbops = latency_mod.bops(qmodel) / 1e9
         attrs = {"plan": plan.to_dict(), "float_groups": choice["float_groups"], "method": plan.method,
                  "percentile": plan.percentile if plan.method == "percentile" else None, "per_channel": plan.per_channel,
                  "overflow_fix": plan.overflow_fix,
-                 "latency_ms": lat.ms, "latency_spread_ms": lat.spread_ms, "gbops": gbops,
+                 "latency_ms": latency_ms, "latency_raw_ms": lat.ms, "latency_spread_ms": lat.spread_ms, "gbops": gbops,
                  "n_float_nodes": len(plan.float_nodes), "plan_key": plan.key()}
-        r_low = evaluator.evaluate(qmodel, limit=low, progress=False)
+        qsession = make_session(qmodel)  # one session for both stages: evaluators reuse the first stage's outputs
+        r_low = evaluator.evaluate(qsession, limit=low, progress=False)
         eval_seconds["low"].append(r_low.seconds)
         attrs["low_metric"] = r_low.value
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
-        if low < n_all and _cannot_reach_front(study, r_low.value, lat.ms, fp32):
+        if low < n_all and _cannot_reach_front(study, r_low.value, latency_ms, fp32):
             trial.set_user_attr("pruned_at", low)
             raise optuna.TrialPruned()
-        r_full = r_low if low >= n_all else evaluator.evaluate(qmodel, progress=False)
+        r_full = r_low if low >= n_all else evaluator.evaluate(qsession, progress=False)
         eval_seconds["full"].append(r_full.seconds)
         if settings.max_drop is not None:
             trial.set_user_attr("constraint", [fp32["metric"] - r_full.value - settings.max_drop])
-        return r_full.value, lat.ms
+        return r_full.value, latency_ms
 
     finished = len(_finished(study))
     bar = tqdm(total=settings.budget, initial=min(finished, settings.budget), desc="search", unit="trial", disable=not progress)
