@@ -249,15 +249,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sensitivity(args) -> int:
+def workspace_and_evaluator(args):
+    """What sensitivity and search both start from: data found, config built, statistics ready, evaluator made."""
     from .quantize import prepare
-    from .sensitivity import run_sensitivity, summary, write_report
 
     fill_defaults(args)
     cfg = build_config(args)
     apply_default_preprocessing(cfg, cfg.model_path)
     ws = prepare(cfg, progress=not args.quiet)
-    evaluator = make_evaluator_from_args(args, cfg.model_path)
+    return cfg, ws, make_evaluator_from_args(args, cfg.model_path)
+
+
+def cmd_sensitivity(args) -> int:
+    from .sensitivity import run_sensitivity, summary, write_report
+
+    cfg, ws, evaluator = workspace_and_evaluator(args)
     out = Path(args.output)
     res = run_sensitivity(ws, evaluator, limit=args.limit, depth=args.depth, by=args.unit,
                           progress=not args.quiet, cache=out / "cache")
@@ -268,17 +274,12 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .quantize import prepare
     from .search import SearchSettings, run_search
 
-    fill_defaults(args)
-    cfg = build_config(args)
-    apply_default_preprocessing(cfg, cfg.model_path)
     if args.budget < 1:
         raise SensqError(f"--budget {args.budget} must be >= 1", "give the number of trials, e.g. --budget 50")
+    cfg, ws, evaluator = workspace_and_evaluator(args)
     workdir = Path(args.workdir or f"runs/{cfg.prefix}")
-    ws = prepare(cfg, progress=not args.quiet)
-    evaluator = make_evaluator_from_args(args, cfg.model_path)
     settings = SearchSettings(budget=args.budget, workdir=str(workdir), storage=args.storage, study_name=args.study_name,
                               seed=cfg.seed, space=args.space, latency=args.latency, low_fidelity=args.low_fidelity,
                               sensitivity_limit=args.sensitivity_limit, max_drop=args.max_drop, depth=args.depth,
