@@ -533,6 +533,43 @@ class OrtLatency:
         return LatencyResult(ms=float(np.median(block_medians)), spread_ms=float(p75 - p25), repeats=int(samples.size),
                              backend=self.name, details=details)
 
+    def measure_relative(self, model: ModelLike, reference, rounds: int = 8, runs: int = 3) -> tuple[float, LatencyResult]:
+        """Latency of `model` relative to `reference` (a model or an already-made session), measured interleaved.
+
+        Shared machines drift in speed by tens of percent over seconds to minutes; timing the two models in
+        alternating rounds and taking the median of the per-round ratios cancels that drift. Returns
+        (ratio, LatencyResult of `model` from the same runs)."""
+        session = make_session(model, options=self.session_options())
+        ref = reference if hasattr(reference, "run") else make_session(reference, options=self.session_options())
+        feeds, ref_feeds = random_inputs(session, self.seed, self.input_shapes), random_inputs(ref, self.seed, self.input_shapes)
+        clock = time.perf_counter_ns
+
+        def timed(sess, feed) -> float:
+            start = clock()
+            sess.run(None, feed)
+            return (clock() - start) / 1e6
+
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(max(1, self.warmup)):
+                timed(session, feeds), timed(ref, ref_feeds)
+            own, ratios = [], []
+            for _ in range(rounds):
+                a = [timed(session, feeds) for _ in range(runs)]
+                b = [timed(ref, ref_feeds) for _ in range(runs)]
+                own += a
+                ratios.append(float(np.median(a) / np.median(b)))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        p25, p75 = np.percentile(own, [25, 75])
+        ratio = float(np.median(ratios))
+        details = {"threads": self.threads, "rounds": rounds, "runs_per_round": runs,
+                   "ratio_iqr": float(np.subtract(*np.percentile(ratios, [75, 25])))}
+        return ratio, LatencyResult(ms=float(np.median(own)), spread_ms=float(p75 - p25), repeats=len(own),
+                                    backend=self.name, details=details)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # User command (board, TensorRT, ...)

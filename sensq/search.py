@@ -28,7 +28,6 @@ from .sensitivity import SensitivityResult, evaluator_signature, quantizable_gro
 
 log = logging.getLogger("sensq")
 
-REFERENCE_REFRESH_S = 60.0  # measured latencies are rescaled by an FP32 measurement at most this old
 LATENCY_TOLERANCE = 0.02  # relative: measured latencies closer than this are treated as equal when pruning
 PRUNE_MARGIN = 0.002  # metric: a low-fidelity score this much below a faster finished trial's is pruned
 
@@ -185,24 +184,24 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     }, indent=1, default=str))
 
     eval_seconds = {"low": [], "full": []}
-    # Shared VMs drift in speed by tens of percent over minutes. For measured (ms) backends every trial's latency is
-    # rescaled by FP32 measured close in time: latency = measured x (FP32 reference / FP32 now), so trials measured
-    # in a slow phase are not penalised. The raw number is kept in the trial's attributes.
-    recent_fp32 = {"ms": fp32["latency_ms"], "at": time.monotonic()}
+    # Shared VMs drift in speed by tens of percent over seconds to minutes. Backends that can time two models
+    # interleaved (ort) give each trial's latency as (trial / FP32 ratio, measured in alternating rounds) x the FP32
+    # reference, so a trial measured in a slow phase is not penalised. The raw median is kept in the attributes.
+    paired = hasattr(backend, "measure_relative")
+    fp32_session = make_session(ws.model, options=backend.session_options()) if paired else None
 
-    def normalised(ms: float) -> float:
-        if backend.unit != "ms":
-            return ms
-        if time.monotonic() - recent_fp32["at"] > REFERENCE_REFRESH_S:
-            recent_fp32.update(ms=backend.measure(ws.model).ms, at=time.monotonic())
-        return ms * fp32["latency_ms"] / recent_fp32["ms"]
+    def measure(qmodel):
+        if not paired:
+            lat = backend.measure(qmodel)
+            return lat.ms, lat
+        ratio, lat = backend.measure_relative(qmodel, fp32_session)
+        return ratio * fp32["latency_ms"], lat
 
     def objective(trial: optuna.Trial):
         choice = space.suggest(trial, ranked)
         plan = plan_for(ws, groups, choice)
         qmodel = ws.build(plan)
-        lat = backend.measure(qmodel)
-        latency_ms = normalised(lat.ms)
+        latency_ms, lat = measure(qmodel)
         gbops = latency_mod.bops(qmodel) / 1e9
         attrs = {"plan": plan.to_dict(), "float_groups": choice["float_groups"], "method": plan.method,
                  "percentile": plan.percentile if plan.method == "percentile" else None, "per_channel": plan.per_channel,
