@@ -45,7 +45,7 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         if args.model == "yolov5n":
-            cfg = yolo_config(cache, step=100)
+            cfg = yolo_config(cache, step=200)  # all 200 calibration images of the shared data
             ev = make_evaluator(str(COCO), model=str(YOLO))
         else:
             cfg = effnet_config(cache)

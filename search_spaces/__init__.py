@@ -1,7 +1,8 @@
 """Declarative search spaces: what a mixed-precision search may vary. One YAML file per space.
 
 A space turns an Optuna trial plus the sensitivity ranking into a concrete PrecisionPlan. Knob types:
-  group_toggles   one bool per group among the top_k most sensitive: True keeps the group float
+  group_toggles   one toggle per group among the top_k most sensitive: float with prior probability `float_prior`
+                  (sampled as a uniform value u in [0, 1), float when u < float_prior, so a search starts near INT8)
   categorical     Optuna categorical over `choices` (plan field of the same name: method, per_channel, ...)
   percentile      float in [low, high] sampled log-uniformly on the tail 100 - p (only when `when` holds)
   group_method    per-group range-method override for the top_k most sensitive INT8 groups
@@ -36,8 +37,9 @@ class SearchSpace:
         for key, spec in self.params.items():
             kind = spec.get("type")
             if kind == "group_toggles":
+                prior = float(spec.get("float_prior", 0.5))
                 for g in ranked_groups[: int(spec.get("top_k", 12))]:
-                    if trial.suggest_categorical(f"float:{g}", [False, True]):
+                    if trial.suggest_float(f"float:{g}", 0.0, 1.0) < prior:
                         out["float_groups"].append(g)
             elif kind == "categorical":
                 out[key] = trial.suggest_categorical(key, list(spec["choices"]))
@@ -66,7 +68,7 @@ class SearchSpace:
             kind = spec.get("type")
             if kind == "group_toggles":
                 for i, g in enumerate(ranked_groups[: int(spec.get("top_k", 12))]):
-                    params[f"float:{g}"] = i < n_float
+                    params[f"float:{g}"] = 0.0 if i < n_float else 1.0
             elif kind == "categorical":
                 choices = list(spec["choices"])
                 params[key] = defaults[key] if defaults.get(key) in choices else choices[0]

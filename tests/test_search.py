@@ -235,7 +235,7 @@ def test_budget_counts_finished_trials_and_seeds_come_first(tiny_run):
         t = study.trials[n]
         assert t.user_attrs["label"] == label
         assert t.user_attrs["float_groups"] == ranked[:n]
-        assert {g: t.params[f"float:{g}"] for g in ranked} == {g: g in ranked[:n] for g in ranked}
+        assert {g: t.params[f"float:{g}"] for g in ranked} == {g: 0.0 if g in ranked[:n] else 1.0 for g in ranked}
         assert t.params["method"] == ws.base_plan.method
     assert all("label" not in t.user_attrs for t in study.trials[len(SEED_LABELS):])
     labels = [t.user_attrs.get("label") for t in study.trials]
