@@ -200,6 +200,15 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     def objective(trial: optuna.Trial):
         choice = space.suggest(trial, ranked)
         plan = plan_for(ws, groups, choice)
+        earlier = _same_plan(study, plan.key(), trial.number)
+        if earlier is not None:  # samplers revisit plans (e.g. no group float): reuse the result, spend no budget time
+            for k, v in earlier.user_attrs.items():
+                if k != "label":
+                    trial.set_user_attr(k, v)
+            trial.set_user_attr("duplicate_of", earlier.number)
+            if earlier.state == optuna.trial.TrialState.PRUNED:
+                raise optuna.TrialPruned()
+            return tuple(earlier.values)
         qmodel = ws.build(plan)
         latency_ms, lat = measure(qmodel)
         gbops = latency_mod.bops(qmodel) / 1e9
@@ -236,6 +245,8 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
             bar.set_postfix_str(f"front {len(front)}, best {metric_name} {best:.4f}")
             a = last.user_attrs
             state = "pruned" if last.state == optuna.trial.TrialState.PRUNED else "done"
+            if "duplicate_of" in a:
+                state += f" (same plan as trial {a['duplicate_of']})"
             value = last.values[0] if last.values else a.get("low_metric", float("nan"))
             log.info("trial %d %s: %s %.4f%s @ %.2f ms, float=[%s], method=%s%s", last.number, state, metric_name, value,
                      f" (first {low})" if state == "pruned" else "", a.get("latency_ms", float("nan")),
@@ -247,6 +258,13 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
         result.reports.update({f"sensitivity {k}": v for k, v in sens_paths.items()})
         result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _same_plan(study, key: str, number: int):
+    for t in _finished(study):
+        if t.number != number and t.user_attrs.get("plan_key") == key:
+            return t
+    return None
 
 
 def _front_trials(study) -> list:
