@@ -200,6 +200,8 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: str | Path, metric_
     if "label" in df.columns:
         for _, row in df[ok].iterrows():
             text = _label(row)
+            if text and not _is_complete(row.get("state", "COMPLETE")):
+                text += " (pruned: score on the first samples only)"
             if text:
                 ax.scatter([row["latency_ms"]], [row["metric"]], s=60, facecolors="none", edgecolors="black", zorder=4)
                 ax.annotate(text, (row["latency_ms"], row["metric"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
