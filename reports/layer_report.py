@@ -308,7 +308,8 @@ def plot_layer_snr(df: pd.DataFrame, path: str | Path, title: str, kind: Kind = 
     if other.any():
         handles.append(Patch(color=plots.COLOR_OTHER_FLAG, label=f"flagged by another measure ({int(other.sum())})"))
     handles.append(Patch(color=plots.COLOR_OK, label=f"ok ({int((~over & ~other).sum())})"))
-    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    # outside the axes: with hundreds of bars any inside position hides some of them
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
     return plots.save_figure(fig, path)
 
 
