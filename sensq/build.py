@@ -153,10 +153,10 @@ class QDQBuilder:
         self.node_names = [n.name for n in self.model.graph.node]
         inits = {i.name for i in self.model.graph.initializer}
         # Weights of compute layers that read a model input directly (overflow_fix="first_layer").
+        graph_inputs = {i.name for i in self.model.graph.input if i.name not in inits}
         self.first_layer_weights = sorted({n.input[1] for n in self.model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-                                           and n.input[0] in {i.name for i in self.model.graph.input} and len(n.input) > 1
-                                           and n.input[1] in inits})
-        self.io_tensors = {i.name for i in self.model.graph.input if i.name not in inits} | {o.name for o in self.model.graph.output}
+                                           and n.input[0] in graph_inputs and len(n.input) > 1 and n.input[1] in inits})
+        self.io_tensors = graph_inputs | {o.name for o in self.model.graph.output}
 
     # ranges ------------------------------------------------------------------------------------------------------
     def tensor_range(self, name: str, method: str, percentile: float, grid: Grid) -> tuple[float, float]:
