@@ -5,11 +5,15 @@ so scoring a model during a search costs little more than its inference.
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from tqdm import tqdm
 
 
 @dataclass
@@ -63,3 +67,10 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Boolean per sample: is the label among the k highest logits."""
     top = np.argpartition(-logits, kth=min(k, logits.shape[1] - 1), axis=1)[:, :k]
     return (top == labels[:, None]).any(axis=1)
+
+
+def preprocess_all(pre, files: list[Path], progress: bool, desc: str) -> list:
+    """pre.pixels() of every file, in order; threads overlap decoding and resizing (OpenCV and PIL release the GIL)."""
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(pre.pixels, files), total=len(files), desc=desc, disable=not progress, leave=False))

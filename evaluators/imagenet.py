@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sensq.errors import SensqError
 from sensq.evaluators.base import EvalResult, Stopwatch, topk_correct
-from sensq.evaluators.coco import preprocess_all
+from sensq.evaluators.base import preprocess_all
 from sensq.preprocess import IMAGE_SUFFIXES, ImagePreprocess
 from sensq.runtime import make_session
 

@@ -50,7 +50,7 @@ def add_model_args(p: argparse.ArgumentParser, calib_required: bool = False) -> 
 
 
 def build_config(args) -> "QuantizeConfig":
-    from .config import InputParams, QuantizeConfig, config_from_dict, load_config
+    from .config import InputParams, config_from_dict, load_config
     from .data import TORCH_MEAN, TORCH_STD
 
     cfg = load_config(args.config) if getattr(args, "config", None) else config_from_dict({})
@@ -231,7 +231,6 @@ def fill_defaults(args) -> None:
 
 
 def cmd_eval(args) -> int:
-    import json as _json
 
     from .model import load_model
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -13,14 +12,14 @@ from .errors import SensqError
 DEFAULT_THREADS = int(os.environ.get("SENSQ_THREADS", "0")) or min(os.cpu_count() or 1, 4)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or DEFAULT_THREADS
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # ORT prints warnings for every unfused QDQ pair otherwise
     # Spin-waiting threads fight the evaluator's post-processing thread (and any other load) for 2 cores.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
 
 
@@ -39,7 +38,3 @@ def make_session(model, threads: int | None = None, options: ort.SessionOptions 
     except Exception as e:  # ORT raises its own exception types with long messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SensqError(f"ONNX Runtime cannot load the model: {first[:300]}", "export the model again (opset >= 13) or check that the file is a complete .onnx") from e
-
-
-def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-    return session.run(outputs, feeds)

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from . import latency as latency_mod
 from .errors import SensqError
-from .runtime import make_session
 from .plan import PrecisionPlan
+from .runtime import make_session
 from .search_spaces import SearchSpace, load_space
 from .sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 
@@ -143,9 +143,9 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
         fp32 = json.loads(fp32_file.read_text())
     else:
         res = evaluator.evaluate(ws.model, progress=progress)
-        runs = sorted((backend.measure(ws.model) for _ in range(3)), key=lambda r: r.ms)
+        runs = sorted((backend.measure(ws.model) for _ in range(3)), key=lambda r: r.value)
         lat = runs[1]  # median of three measurements: the reference every trial is compared with
-        fp32 = {"metric": res.value, "latency_ms": lat.ms, "latency_spread_ms": lat.spread_ms,
+        fp32 = {"metric": res.value, "latency_ms": lat.value, "latency_spread_ms": lat.spread,
                 "low_metric": evaluator.evaluate(ws.model, limit=low, progress=False).value,
                 "gbops": latency_mod.bops(ws.model) / 1e9, "eval_seconds": res.seconds}
         fp32_file.parent.mkdir(parents=True, exist_ok=True)
@@ -187,15 +187,11 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
     # Shared VMs drift in speed by tens of percent over seconds to minutes. Backends that can time two models
     # interleaved (ort) give each trial's latency as (trial / FP32 ratio, measured in alternating rounds) x the FP32
     # reference, so a trial measured in a slow phase is not penalised. The raw median is kept in the attributes.
-    paired = hasattr(backend, "measure_relative")
-    fp32_session = make_session(ws.model, options=backend.session_options()) if paired else None
+    reference = latency_mod.Reference(backend, ws.model)
 
     def measure(qmodel):
-        if not paired:
-            lat = backend.measure(qmodel)
-            return lat.ms, lat
-        ratio, lat = backend.measure_relative(qmodel, fp32_session)
-        return ratio * fp32["latency_ms"], lat
+        lat = latency_mod.measure_paired(backend, qmodel, reference)
+        return lat.ratio * fp32["latency_ms"], lat
 
     def objective(trial: optuna.Trial):
         choice = space.suggest(trial, ranked)
@@ -215,7 +211,7 @@ def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True) -
         attrs = {"plan": plan.to_dict(), "float_groups": choice["float_groups"], "method": plan.method,
                  "percentile": plan.percentile if plan.method == "percentile" else None, "per_channel": plan.per_channel,
                  "overflow_fix": plan.overflow_fix,
-                 "latency_ms": latency_ms, "latency_raw_ms": lat.ms, "latency_spread_ms": lat.spread_ms, "gbops": gbops,
+                 "latency_ms": latency_ms, "latency_raw_ms": lat.value, "latency_spread_ms": lat.value_iqr, "gbops": gbops,
                  "n_float_nodes": len(plan.float_nodes), "plan_key": plan.key()}
         qsession = make_session(qmodel)  # one session for both stages: evaluators reuse the first stage's outputs
         r_low = evaluator.evaluate(qsession, limit=low, progress=False)

@@ -153,8 +153,8 @@ def test_bops_backend_reports_gbops(qdq_no_conv2, tmp_path):
     backend = make_latency_backend("bops")
     r = backend.measure(str(path))  # paths and protos give the same answer
     assert backend.unit == r.unit == "GBOPs"
-    assert r.ms == pytest.approx(bops(qdq_no_conv2) / 1e9) and r.ms == backend.measure(qdq_no_conv2).ms
-    assert r.spread_ms == 0.0 and r.details["n_quantized_layers"] == 2 and r.details["n_layers"] == 3
+    assert r.value == pytest.approx(bops(qdq_no_conv2) / 1e9) and r.value == backend.measure(qdq_no_conv2).value
+    assert r.spread == 0.0 and r.ci == (r.value, r.value) and r.details["n_quantized_layers"] == 2 and r.details["n_layers"] == 3
     assert r.details["unknown_shape_nodes"] == []
 
 
@@ -211,8 +211,8 @@ def test_ort_backend_median_and_spread(float_model):
     backend = make_latency_backend("ort", threads=1, warmup=2, min_repeats=20, min_seconds=0.05)
     r = backend.measure(float_model)
     assert isinstance(r, LatencyResult) and r.backend == "ort" and r.unit == "ms"
-    assert r.ms > 0 and 0 <= r.spread_ms <= r.ms
-    assert r.repeats >= 20 and r.details["min_ms"] <= r.ms <= r.details["p90_ms"] * 1.0001 + 1e-9
+    assert r.value > 0 and 0 <= r.spread <= r.value
+    assert r.repeats >= 20 and r.details["min_ms"] <= r.value and r.ci[0] <= r.ci[1]
     assert len(r.details["block_medians_ms"]) == r.details["blocks"] >= 5
     assert r.details["threads"] == 1
     json.dumps(r.to_dict())  # results go into the study's JSON records
@@ -226,7 +226,7 @@ def test_ort_spinning_option(float_model):
     assert backend.spinning is False
     assert backend.session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     r = backend.measure(float_model)
-    assert r.details["spinning"] is False and r.repeats == 5 and r.details["blocks"] == 1 and r.ms > 0
+    assert r.details["spinning"] is False and r.repeats == 5 and r.details["blocks"] == 1 and r.value > 0
     with pytest.raises(SensqError, match="not a boolean"):
         make_latency_backend("ort:spinning=2")
 
@@ -253,18 +253,18 @@ def _cmd(code: str, tail: str = "") -> str:
 
 def test_cmd_reads_ms_line():
     r = make_latency_backend("cmd:" + _cmd("print('warming up 3 runs'); print('latency: 12.5 ms')")).measure(tiny_cnn())
-    assert r.ms == 12.5 and r.repeats == 1 and r.spread_ms is None and r.backend == "cmd"
+    assert r.value == 12.5 and r.unit == "ms" and r.repeats == 1 and r.spread is None and r.backend == "cmd"
 
 
 def test_cmd_substitutes_model_path(float_model, tmp_path):
     # The command reports the model's file size as its "latency", proving it received the model file.
     code = "import os, sys; print(f'size {os.path.getsize(sys.argv[1])} ms')"
     r = make_latency_backend("cmd:" + _cmd(code, " {model}")).measure(float_model)  # proto -> temp file
-    assert r.ms == float(len(float_model.SerializeToString()))
+    assert r.value == float(len(float_model.SerializeToString()))
     path = tmp_path / "model with space.onnx"
     onnx.save(float_model, path)
     r = make_latency_backend(f'cmd:"{_cmd(code)}"').measure(str(path))  # no {model}: appended, quoted form of spec
-    assert r.ms == float(path.stat().st_size)
+    assert r.value == float(path.stat().st_size)
     assert r.details["command"].endswith(shlex.quote(str(path.resolve())))
 
 
@@ -273,7 +273,7 @@ def test_cmd_repeats_take_median(tmp_path, float_model):
     code = (f"import pathlib; p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) if p.exists() else 0; "
             "p.write_text(str(n + 1)); print(f'{[10, 30, 20][n]}ms')")
     r = make_latency_backend("cmd:" + _cmd(code), repeats=3).measure(float_model)
-    assert r.details["runs_ms"] == [10.0, 30.0, 20.0] and r.ms == 20.0 and r.spread_ms == 10.0
+    assert r.details["runs"] == [10.0, 30.0, 20.0] and r.value == 20.0 and r.spread == 10.0
 
 
 TRTEXEC = """[I] === Performance summary ===
@@ -299,12 +299,12 @@ def test_parse_latency_formats():
 
 def test_cmd_trtexec_output_and_pattern():
     code = f"print({TRTEXEC!r})"
-    assert make_latency_backend("cmd:" + _cmd(code)).measure(tiny_cnn()).ms == 1.25
+    assert make_latency_backend("cmd:" + _cmd(code)).measure(tiny_cnn()).value == 1.25
     # the last match counts: this pattern also matches "D2H Latency" ...
-    assert make_latency_backend("cmd:" + _cmd(code), pattern=r"Latency: min = ([\d.]+)").measure(tiny_cnn()).ms == 0.01
+    assert make_latency_backend("cmd:" + _cmd(code), pattern=r"Latency: min = ([\d.]+)").measure(tiny_cnn()).value == 0.01
     # ... so anchor it to pick the end-to-end latency line
     r = make_latency_backend("cmd:" + _cmd(code), pattern=r"(?m)^\[I\] Latency: min = (?P<ms>[\d.]+)").measure(tiny_cnn())
-    assert r.ms == 1.4
+    assert r.value == 1.4
 
 
 def test_cmd_errors_are_user_errors(float_model):
@@ -330,21 +330,20 @@ def _write_table(tmp_path, rows, header="node,op_type,float_ms,int8_ms"):
 
 
 TABLE_ROWS = ["conv1,Conv,4.0,1.0", "sig1,Sigmoid,0.5,0.25", "conv2,Conv,2.0,0.5", "sig2,Sigmoid,0.5,0.25",
-              "fc,Gemm,3.0,0.75", "extra_head,Conv,9.0,9.0"]  # flat is missing; extra_head is not in the model
+              "fc,Gemm,3.0,0.75"]  # flat is missing
 
 
 def test_table_sums_float_or_int8_per_node(tmp_path, float_model, qdq_all, qdq_no_conv2):
     backend = make_latency_backend(f"table:{_write_table(tmp_path, TABLE_ROWS)}")
     f = backend.measure(float_model)
-    assert f.ms == 4.0 + 0.5 + 2.0 + 0.5 + 3.0 and f.details["n_int8"] == 0
+    assert f.value == 4.0 + 0.5 + 2.0 + 0.5 + 3.0 and f.details["n_int8"] == 0
     assert f.details["missing_nodes"] == ["flat"] and f.details["n_missing_nodes"] == 1
-    assert f.details["n_unmatched_table_rows"] == 1
     q = backend.measure(qdq_all)
-    assert q.ms == 1.0 + 0.25 + 0.5 + 0.25 + 0.75 and q.details["n_int8"] == 5
+    assert q.value == 1.0 + 0.25 + 0.5 + 0.25 + 0.75 and q.details["n_int8"] == 5
     assert q.details["missing_nodes"] == ["flat"]  # Q/DQ nodes are not "missing"
     ex = backend.measure(qdq_no_conv2)
-    assert ex.ms == 1.0 + 0.25 + 2.0 + 0.25 + 0.75  # only conv2 switches back to its float cost
-    assert ex.spread_ms == 0.0 and ex.unit == "ms"
+    assert ex.value == 1.0 + 0.25 + 2.0 + 0.25 + 0.75  # only conv2 switches back to its float cost
+    assert ex.spread == 0.0 and ex.unit == "ms"
 
 
 def test_table_errors(tmp_path, float_model):
@@ -357,7 +356,98 @@ def test_table_errors(tmp_path, float_model):
     with pytest.raises(SensqError, match="twice"):
         make_latency_backend("table:" + str(_write_table(tmp_path, ["conv1,Conv,1,1", "conv1,Conv,2,1"])))
     other = make_latency_backend("table:" + str(_write_table(tmp_path, ["/model.0/conv/Conv,Conv,1,1"])))
-    with pytest.raises(SensqError, match="no node of the model"):
+    with pytest.raises(SensqError, match="match no node"):
         other.measure(float_model)
+    typo = make_latency_backend("table:" + str(_write_table(tmp_path, TABLE_ROWS + ["extra_head,Conv,9.0,9.0"])))
+    with pytest.raises(SensqError, match="1 row.*match no node.*extra_head"):  # a typo would silently cost 0
+        typo.measure(float_model)
     with pytest.raises(SensqError, match="needs a CSV"):
         make_latency_backend("table:")
+
+
+def test_table_matches_rows_by_output_tensor_name(tmp_path, float_model, qdq_all):
+    """Exporters leave nodes unnamed; a table keyed by output tensor names must cost those nodes (not 0)."""
+    unnamed = onnx.ModelProto()
+    unnamed.CopyFrom(float_model)
+    for node in unnamed.graph.node:
+        node.name = ""
+    rows = ["c1,Conv,4.0,1.0", "s1,Sigmoid,0.5,0.25", "c2,Conv,2.0,0.5", "s2,Sigmoid,0.5,0.25", "y,Gemm,3.0,0.75"]
+    backend = make_latency_backend("table:" + str(_write_table(tmp_path, rows)))
+    assert backend.measure(unnamed).value == 4.0 + 0.5 + 2.0 + 0.5 + 3.0
+    assert backend.measure(qdq_all).value == 1.0 + 0.25 + 0.5 + 0.25 + 0.75  # output names survive QDQ
+
+
+# ---------------------------------------------------------------- paired measurement and provenance
+
+
+def test_median_ci_is_the_binomial_order_statistic_interval():
+    from math import comb
+
+    from sensq.latency import median_ci
+
+    values = [9.0, 1.0, 5.0, 7.0, 3.0, 11.0, 2.0, 8.0, 4.0, 12.0, 6.0, 10.0]  # 1..12 shuffled
+    lo, hi = median_ci(values)
+    assert (lo, hi) == (3.0, 10.0)  # x_(3), x_(10) for n = 12
+    coverage = 1 - 2 * sum(comb(12, i) for i in range(3)) / 2 ** 12  # P(x_(3) <= median <= x_(10))
+    assert coverage >= 0.95 and 1 - 2 * sum(comb(12, i) for i in range(4)) / 2 ** 12 < 0.95  # and the tightest
+    assert median_ci([4.0, 1.0, 3.0]) == (1.0, 4.0)  # too few values for 95 %: the whole range
+
+
+def test_paired_ort_ratio_of_a_model_to_itself_contains_one(float_model):
+    from sensq.latency import Reference, measure_paired
+
+    backend = make_latency_backend("ort", threads=1, warmup=2)
+    ref = Reference(backend, float_model)
+    p = measure_paired(backend, float_model, ref, rounds=12, runs=2)
+    ref.close()
+    assert p.rounds == 12 and len(p.details["round_ratios"]) == 12 and p.unit == "ms"
+    assert p.ratio_ci[0] <= p.ratio <= p.ratio_ci[1]
+    assert p.value > 0 and p.ref_value > 0 and p.value_ci[0] <= p.value <= p.value_ci[1]
+    assert p.ratio == pytest.approx(float(np.median(p.details["round_ratios"])), abs=1e-4)  # stored rounded
+
+
+def test_paired_ort_ratio_tracks_a_slower_model(float_model):
+    """A model doing 4x the work is measured slower than its reference, with the interval above 1."""
+    from sensq.latency import Reference, measure_paired
+
+    heavy = tiny_cnn()
+    heavy.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 32  # conv layers on 4x the pixels
+    heavy.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 32
+    heavy.graph.node[-1].op_type = "ReduceMean"  # drop the size-bound Gemm
+    del heavy.graph.node[-1].input[1:]
+    del heavy.graph.node[-1].attribute[:]
+    heavy.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    backend = make_latency_backend("ort", threads=1, warmup=2)
+    ref = Reference(backend, float_model)
+    p = measure_paired(backend, heavy, ref)
+    assert p.ratio_ci[0] > 1.0 and p.value > p.ref_value
+
+
+def test_paired_bops_is_exact(float_model, qdq_all):
+    from sensq.latency import Reference, measure_paired
+
+    backend = make_latency_backend("bops")
+    p = measure_paired(backend, qdq_all, Reference(backend, float_model))
+    assert p.ratio == pytest.approx(bops(qdq_all) / bops(float_model)) and p.ratio_ci == (p.ratio, p.ratio)
+    assert p.unit == "GBOPs" and p.value == pytest.approx(bops(qdq_all) / 1e9)
+
+
+def test_structure_key_ignores_values_not_wiring(float_model, qdq_all, qdq_no_conv2):
+    from sensq.latency import structure_key
+
+    rescaled = onnx.ModelProto()
+    rescaled.CopyFrom(qdq_all)
+    scale = next(i for i in rescaled.graph.initializer if i.name.endswith("_scale"))
+    arr = numpy_helper.to_array(scale) * 2
+    scale.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), scale.name))
+    assert structure_key(rescaled) == structure_key(qdq_all)  # other calibration, same graph: one latency
+    assert len({structure_key(float_model), structure_key(qdq_all), structure_key(qdq_no_conv2)}) == 3
+
+
+def test_machine_info_names_isa_and_runtime():
+    from sensq.latency import machine_id, machine_info
+
+    info = machine_info(threads=2)
+    assert info["threads"] == 2 and info["runtime_version"] and info["machine_id"] == machine_id(info)
+    assert machine_id({**info, "threads": 1}) != info["machine_id"]  # other thread count: other machine
+    assert machine_id({**info, "date": "2000-01-01"}) == info["machine_id"]  # the date is provenance, not identity
