@@ -17,24 +17,20 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .model import group_name
 from .targets import get_target
 
 log = logging.getLogger("sensq")
 
 
-def quantizable_groups(ws, depth: int = 1, by: str = "group") -> dict[str, list[str]]:
-    """Groups of nodes the base plan quantizes, in graph order."""
+def quantizable_groups(ws, depth: int = 1, by: str = "auto") -> dict[str, list[str]]:
+    """Groups of nodes the base plan quantizes, in graph order (see sensq.grouping)."""
+    from .grouping import layer_groups
+
     target = get_target(ws.base_plan.target, ws.base_plan.activation_type)
     ops = set(target.resolved_op_types())
     floating = set(ws.base_plan.float_nodes)
-    groups: dict[str, list[str]] = {}
-    for node in ws.builder.model.graph.node:
-        if node.name in floating or node.op_type not in ops:
-            continue
-        key = node.name if by == "node" else group_name(node.name, depth)
-        groups.setdefault(key, []).append(node.name)
-    return groups
+    nodes = [n.name for n in ws.builder.model.graph.node if n.name not in floating and n.op_type in ops]
+    return layer_groups(ws.graph, nodes, "module" if by == "group" else by, depth)
 
 
 def evaluator_signature(evaluator) -> str:

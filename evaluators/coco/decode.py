@@ -20,6 +20,13 @@ def model_names(metadata: dict[str, str]) -> list[str] | None:
         return None
 
 
+def num_classes(layout: str, shape: tuple[int, ...], names: list[str] | None) -> int:
+    """Class count of a detection output of `shape` (one image) in `layout`; the model's names win when present."""
+    if names:
+        return len(names)
+    return shape[1] - 5 if layout == "yolov5" else min(shape) - 4
+
+
 def detect_layout(shape: tuple[int, ...], metadata: dict[str, str] | None = None) -> str:
     """'yolov5' (N x (5+C) rows with objectness) or 'yolov8' ((4+C) x N, YOLOv8/11) from shape and metadata."""
     metadata = metadata or {}

@@ -14,7 +14,7 @@ from sensq.preprocess import ImagePreprocess
 from sensq.runtime import make_session
 
 from .dataset import DetectionSet, load_coco, load_yolo
-from .decode import LAYOUTS, detect_layout, model_names, postprocess, to_coco_rows
+from .decode import LAYOUTS, detect_layout, model_names, num_classes, postprocess, to_coco_rows
 from .metric import COCO_STAT_NAMES, coco_stats
 
 def _session_io(session):
@@ -104,7 +104,7 @@ class DetectionEvaluator:
                 layout = state["layout"]
                 if "nc" not in state:
                     shape = out.shape[1:]
-                    state["nc"] = len(names) if names else (shape[1] - 5 if layout == "yolov5" else min(shape) - 4)
+                    state["nc"] = num_classes(layout, shape, names)
                     state["cats"] = self.data.category_map(state["nc"])
                 xyxy, scores, cls = postprocess(out[b], layout, self.conf, self.iou, self.max_det,
                                                 self.pixels[i][1], self.max_nms, state["nc"])
