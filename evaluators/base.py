@@ -23,7 +23,7 @@ class EvalResult:
     n_samples: int
     seconds: float = 0.0  # wall time of evaluate()
     inference_seconds: float = 0.0  # time spent inside session.run
-    per_sample: dict[str, Any] | None = None
+    samples: Any = None  # evaluators.samples.SampleResults of the evaluated samples (None: evaluator keeps none)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the 12 COCO stats by name
 
     @property
@@ -39,14 +39,18 @@ class EvalResult:
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores a model. `model` is a path, an onnx.ModelProto, serialized bytes or an ort.InferenceSession."""
+    """Scores a model. `model` is a path, an onnx.ModelProto, serialized bytes or an ort.InferenceSession.
+
+    `indices` selects dataset samples (any subset, scored in that order); `limit` the first n. Evaluators that can,
+    return per-sample results in EvalResult.samples (see evaluators/samples.py): subsets, bootstrap intervals and
+    paired comparisons are then computed without inference."""
 
     name: str
     primary: str
 
     def __len__(self) -> int: ...
 
-    def evaluate(self, model, limit: int | None = None, progress: bool = True) -> EvalResult: ...
+    def evaluate(self, model, limit: int | None = None, progress: bool = True, indices=None) -> EvalResult: ...
 
 
 class Stopwatch:
@@ -74,3 +78,21 @@ def preprocess_all(pre, files: list[Path], progress: bool, desc: str) -> list:
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(pre.pixels, files), total=len(files), desc=desc, disable=not progress, leave=False))
+
+
+def resolve_indices(n_total: int, limit: int | None = None, indices=None) -> list[int]:
+    """Dataset indices to evaluate: `indices` as given (validated), else the first `limit`, else all."""
+    from sensq.errors import SensqError
+
+    if indices is not None:
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < n_total]
+        if bad:
+            raise SensqError(f"sample index {bad[0]} outside the evaluation set of {n_total}", "pass indices in range")
+        if len(set(idx)) != len(idx):
+            raise SensqError("duplicate sample indices", "pass each sample once (use weights for resampling)")
+    else:
+        idx = list(range(n_total if limit is None else max(0, min(int(limit), n_total))))
+    if not idx:
+        raise SensqError("nothing to evaluate (limit=0, no indices or empty dataset)", "use limit >= 1")
+    return idx

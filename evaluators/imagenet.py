@@ -26,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sensq.errors import SensqError
-from sensq.evaluators.base import EvalResult, Stopwatch, topk_correct
-from sensq.evaluators.base import preprocess_all
+from sensq.evaluators.base import EvalResult, Stopwatch, preprocess_all, resolve_indices, topk_correct
+from sensq.evaluators.samples import MeanSamples
 from sensq.preprocess import IMAGE_SUFFIXES, ImagePreprocess
 from sensq.runtime import make_session
 
@@ -236,7 +236,7 @@ class ClassificationEvaluator:
         self.mean, self.std = mean, std
         self.color_format, self.batch_size, self.threads, self.label_offset = color_format, batch_size, threads, label_offset
         self.preprocessor: ImagePreprocess | None = None  # of the cached pixels
-        self.pixels: list[np.ndarray] = []  # cache: uint8 CHW crops, in order
+        self.pixels: dict[int, np.ndarray] = {}  # cache: sample index -> uint8 CHW crop
 
     def __len__(self) -> int:
         return len(self.data)
@@ -251,31 +251,35 @@ class ClassificationEvaluator:
             mean, std, origin = IMAGENET_MEAN, IMAGENET_STD, "imagenet default"
         pre = ImagePreprocess(hw[0], hw[1], resize="imagenet", color_format=self.color_format, mean=list(mean), std=list(std))
         if self.preprocessor is None or (self.preprocessor.height, self.preprocessor.width) != hw:
-            self.pixels = []  # crops depend only on the size; mean/std are applied per batch
+            self.pixels = {}  # crops depend only on the size; mean/std are applied per batch
         self.preprocessor = pre
         return pre, origin
 
-    def evaluate(self, model, limit: int | None = None, progress: bool = True) -> EvalResult:
+    def signature(self) -> str:
+        return (f"{self.name}:{self.data.source}:{len(self.data)}:{self.data.files[0].name}:size={self.input_size}"
+                f":mean={self.mean}:std={self.std}:color={self.color_format}:offset={self.label_offset}")
+
+    def evaluate(self, model, limit: int | None = None, progress: bool = True, indices=None) -> EvalResult:
         t0 = time.perf_counter()
+        idx = resolve_indices(len(self.data), limit, indices)
         session = make_session(model, self.threads)
         inp = session.get_inputs()[0]
         metadata = dict(session.get_modelmeta().custom_metadata_map)
         shape = inp.shape
         static_hw = tuple(int(s) for s in shape[2:]) if len(shape) == 4 and all(isinstance(s, int) for s in shape[2:]) else None
         hw = static_hw or self.input_size or (224, 224)
-        n = len(self.data) if limit is None else max(0, min(int(limit), len(self.data)))
-        if n == 0:
-            raise SensqError("nothing to evaluate (limit=0 or empty dataset)", "use limit >= 1")
         pre, origin = self._make_preprocessor(hw, metadata)
-        if len(self.pixels) < n:
-            self.pixels += [p for p, _ in preprocess_all(pre, self.data.files[len(self.pixels):n], progress, "imagenet: preprocess")]
+        todo = [i for i in idx if i not in self.pixels]
+        if todo:
+            done = preprocess_all(pre, [self.data.files[i] for i in todo], progress, "imagenet: preprocess")
+            self.pixels.update((i, p) for i, (p, _) in zip(todo, done))
         static_bs = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         bs = static_bs or max(1, int(self.batch_size))
         dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         watch = Stopwatch()
         logits = []
-        for s in tqdm(range(0, n, bs), desc="imagenet: evaluate", disable=not progress, leave=False):
-            px = self.pixels[s:min(s + bs, n)]
+        for s in tqdm(range(0, len(idx), bs), desc="imagenet: evaluate", disable=not progress, leave=False):
+            px = [self.pixels[i] for i in idx[s:s + bs]]
             real = len(px)
             if static_bs and real < bs:
                 px = px + [px[-1]] * (bs - real)  # static batch: pad, then drop the padding's outputs
@@ -284,7 +288,7 @@ class ClassificationEvaluator:
                 out = session.run(None, {inp.name: x})[0]
             logits.append(np.asarray(out, np.float32).reshape(len(px), -1)[:real])
         logits = np.concatenate(logits)
-        labels = self.data.labels[:n]
+        labels = self.data.labels[idx]
         # TF-slim style models put a background class at index 0 (1001 outputs).
         offset = self.label_offset if self.label_offset is not None else (1 if logits.shape[1] == 1001 else 0)
         labels = labels + offset
@@ -293,9 +297,10 @@ class ClassificationEvaluator:
                              "check that the label file uses the model's class indices (or pass label_offset)")
         top1 = topk_correct(logits, labels, 1)
         top5 = topk_correct(logits, labels, min(5, logits.shape[1]))
+        samples = MeanSamples(np.asarray(idx, np.int64), {"top1": top1, "top5": top5, "pred": logits.argmax(1)}, "top1")
         return EvalResult(metrics={"top1": float(top1.mean()), "top5": float(top5.mean())}, primary=self.primary,
-                          n_samples=n, seconds=time.perf_counter() - t0, inference_seconds=watch.total,
-                          per_sample={"pred": logits.argmax(1), "correct1": top1},
+                          n_samples=len(idx), seconds=time.perf_counter() - t0, inference_seconds=watch.total,
+                          samples=samples,
                           extra={"input_size": list(hw), "mean": list(pre.mean), "std": list(pre.std),
                                  "normalization": origin, "batch_size": bs})
 

@@ -98,10 +98,10 @@ def test_tiny_model_accuracy_colour_order_and_static_batch(tmp_path):
     assert 0 < r.inference_seconds <= r.seconds
     # a static batch of 4 over 9 images pads the last batch and gives the same predictions
     r_static = ev.evaluate(tiny_classifier(batch=4), progress=False)
-    np.testing.assert_array_equal(r_static.per_sample["pred"], r.per_sample["pred"])
+    np.testing.assert_array_equal(r_static.samples.scores["pred"], r.samples.scores["pred"])
     # limit scores the first n in file-name order (blue_0, blue_1, ...)
     r2 = ev.evaluate(tiny_classifier(), limit=2, progress=False)
-    assert r2.n_samples == 2 and r2.per_sample["pred"].tolist() == [2, 2]
+    assert r2.n_samples == 2 and r2.samples.scores["pred"].tolist() == [2, 2]
     # BGR input swaps red and blue: only the green images stay correct
     bgr = make_imagenet_evaluator(tmp_path, mean=[0.0], std=[1.0], color_format="bgr")
     assert bgr.evaluate(tiny_classifier(), progress=False).metrics["top1"] == pytest.approx(3 / 9)
@@ -181,7 +181,7 @@ def test_batched_and_single_inference_agree(imagenet_eval, imagenet_dir, lite0):
     a = single.evaluate(lite0, limit=24, progress=False)
     b = imagenet_eval.evaluate(lite0, limit=24, progress=False)
     assert b.extra["batch_size"] == 32 and a.extra["batch_size"] == 1
-    np.testing.assert_array_equal(a.per_sample["pred"], b.per_sample["pred"])
+    np.testing.assert_array_equal(a.samples.scores["pred"], b.samples.scores["pred"])
     assert a.metrics == b.metrics
 
 

@@ -9,7 +9,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sensq.errors import SensqError
-from sensq.evaluators.base import EvalResult, Stopwatch, preprocess_all
+from sensq.evaluators.base import EvalResult, Stopwatch, preprocess_all, resolve_indices
+from sensq.evaluators.samples import DetectionSamples
 from sensq.preprocess import ImagePreprocess
 from sensq.runtime import make_session
 
@@ -42,7 +43,11 @@ def _parse_imgsz(v) -> tuple[int, int] | None:
 
 
 class DetectionEvaluator:
-    """mAP50-95 (primary) / mAP50 of a YOLO detector on a DetectionSet; preprocessed pixels are cached."""
+    """mAP50-95 (primary) / mAP50 of a YOLO detector on a DetectionSet; preprocessed pixels are cached.
+
+    evaluate(model, indices=...) scores any subset of the images (dataset order = sorted by image id); the result
+    carries the detections per image (EvalResult.samples), from which any subset or bootstrap resample is scored
+    again without inference (evaluators/samples.py)."""
 
     primary = "mAP50-95"
 
@@ -59,35 +64,34 @@ class DetectionEvaluator:
         self.conf, self.iou, self.max_det, self.max_nms = conf, iou, max_det, max_nms
         self.layout, self.color_format, self.batch_size, self.threads, self.metric = layout, color_format, batch_size, threads, metric
         self.preprocessor: ImagePreprocess | None = None  # of the cached pixels
-        self.pixels: list = []  # cache: (uint8 CHW letterboxed pixels, geometry) per image, in order
+        self.pixels: dict[int, tuple] = {}  # cache: image index -> (uint8 CHW letterboxed pixels, geometry)
         self.last_detections: np.ndarray | None = None  # rows of the last evaluate() (for inspection and tests)
-        # Detections per image of the last InferenceSession evaluated: scoring the same session on more images
-        # (a search's low-fidelity then full pass) only runs the images not seen yet.
-        self._memo_session = None
-        self._memo_rows: list[np.ndarray] = []
-        self._memo_state: dict = {}
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def _preprocess(self, hw: tuple[int, int], n: int, progress: bool):
+    def signature(self) -> str:
+        return (f"{self.name}:{self.data.source}:{len(self.data)}:conf={self.conf}:iou={self.iou}:max_det={self.max_det}"
+                f":layout={self.layout}:imgsz={self.imgsz}:color={self.color_format}")
+
+    def _preprocess(self, hw: tuple[int, int], indices: list[int], progress: bool):
         if self.preprocessor is None or (self.preprocessor.height, self.preprocessor.width) != hw:
             self.preprocessor = ImagePreprocess(hw[0], hw[1], resize="letterbox", color_format=self.color_format,
                                                 mean=[0.0], std=[255.0])
-            self.pixels = []
-        if len(self.pixels) < n:
-            self.pixels += preprocess_all(self.preprocessor, self.data.files[len(self.pixels):n], progress, f"{self.name}: preprocess")
+            self.pixels = {}
+        todo = [i for i in indices if i not in self.pixels]
+        if todo:
+            done = preprocess_all(self.preprocessor, [self.data.files[i] for i in todo], progress, f"{self.name}: preprocess")
+            self.pixels.update(zip(todo, done))
         return self.preprocessor
 
-    def evaluate(self, model, limit: int | None = None, progress: bool = True) -> EvalResult:
+    def evaluate(self, model, limit: int | None = None, progress: bool = True, indices=None) -> EvalResult:
         t0 = time.perf_counter()
+        idx = resolve_indices(len(self.data), limit, indices)
         session = make_session(model, self.threads)
         inp, metadata = _session_io(session)
         hw = _static_hw(inp.shape) or self.imgsz or _parse_imgsz(metadata.get("imgsz")) or (640, 640)
-        n = len(self.data) if limit is None else max(0, min(int(limit), len(self.data)))
-        if n == 0:
-            raise SensqError("nothing to evaluate (limit=0 or empty dataset)", "use limit >= 1")
-        pre = self._preprocess(hw, n, progress)
+        pre = self._preprocess(hw, idx, progress)
         bs = self.batch_size if not (isinstance(inp.shape[0], int) and inp.shape[0] > 0) else int(inp.shape[0])
         dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         names = model_names(metadata)
@@ -95,50 +99,43 @@ class DetectionEvaluator:
         out_name = session.get_outputs()[0].name
         watch = Stopwatch()
 
-        def post(out: np.ndarray, first: int) -> list[np.ndarray]:
+        def post(out: np.ndarray, batch: list[int]) -> list[np.ndarray]:
             rows = []
-            for b in range(out.shape[0]):
-                i = first + b
+            for b, i in enumerate(batch):
                 if state["layout"] is None:
                     state["layout"] = detect_layout(out.shape[1:], metadata)
                 layout = state["layout"]
                 if "nc" not in state:
-                    shape = out.shape[1:]
-                    state["nc"] = num_classes(layout, shape, names)
+                    state["nc"] = num_classes(layout, out.shape[1:], names)
                     state["cats"] = self.data.category_map(state["nc"])
                 xyxy, scores, cls = postprocess(out[b], layout, self.conf, self.iou, self.max_det,
                                                 self.pixels[i][1], self.max_nms, state["nc"])
                 rows.append(to_coco_rows(self.data.image_ids[i], xyxy, scores, state["cats"][cls]))
             return rows
 
-        if not (model is session and self._memo_session is session):  # only a session passed in twice is reused
-            self._memo_session, self._memo_rows, self._memo_state = (session if model is session else None), [], {}
-        done = min(len(self._memo_rows), n) // bs * bs  # whole batches already decoded for this session
-        if done:
-            state.update(self._memo_state)
         # Decode image i on a worker thread while the main thread runs inference on image i+1 (ORT releases the GIL).
         with ThreadPoolExecutor(1) as worker:
             futures = []
-            for first in tqdm(range(done, n, bs), desc=f"{self.name}: evaluate", disable=not progress, leave=False):
-                px = [p for p, _ in self.pixels[first:first + bs]]
-                real = len(px)
-                if real < bs and isinstance(inp.shape[0], int):
-                    px += [px[-1]] * (bs - real)  # static batch: pad the last batch, drop the padding's outputs
+            for start in tqdm(range(0, len(idx), bs), desc=f"{self.name}: evaluate", disable=not progress, leave=False):
+                batch = idx[start:start + bs]
+                px = [self.pixels[i][0] for i in batch]
+                if len(px) < bs and isinstance(inp.shape[0], int):
+                    px += [px[-1]] * (bs - len(px))  # static batch: pad the last batch, drop the padding's outputs
                 x = pre.normalize(np.stack(px)).astype(dtype, copy=False)
                 with watch:
                     out = session.run([out_name], {inp.name: x})[0]
-                futures.append(worker.submit(post, out[:real], first))
-                if first == done:
+                futures.append(worker.submit(post, out[:len(batch)], batch))
+                if start == 0:
                     futures[0].result()  # surface layout / class-count errors before running every image
-            rows = self._memo_rows[:done] + [r for f in futures for r in f.result()]
-        if self._memo_session is not None and len(rows) > len(self._memo_rows):
-            self._memo_rows, self._memo_state = rows, dict(state)
+            rows = [r for f in futures for r in f.result()]
         dets = np.concatenate(rows) if rows else np.zeros((0, 7))
         self.last_detections = dets
-        stats = coco_stats(self.data.gt, dets, self.data.image_ids[:n], self.metric)
+        stats = coco_stats(self.data.gt, dets, [self.data.image_ids[i] for i in idx], self.metric)
         named = {k: float(v) for k, v in zip(COCO_STAT_NAMES, stats)}
+        samples = DetectionSamples(self.data.gt, np.asarray(self.data.image_ids, np.int64), dict(zip(idx, rows)))
         return EvalResult(metrics={"mAP50-95": named["AP"], "mAP50": named["AP50"]}, primary=self.primary,
-                          n_samples=n, seconds=time.perf_counter() - t0, inference_seconds=watch.total,
+                          n_samples=len(idx), seconds=time.perf_counter() - t0, inference_seconds=watch.total,
+                          samples=samples,
                           extra={"coco_stats": named, "layout": state["layout"], "n_detections": int(len(dets)),
                                  "imgsz": list(hw), "metric_backend": self.metric})
 

@@ -7,6 +7,8 @@ compare the full precision/recall arrays against pycocotools on real detections 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from sensq.errors import SensqError
@@ -35,8 +37,28 @@ def _group_starts(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
 
 
-def coco_eval_arrays(gt: GroundTruth, dets: np.ndarray, img_ids) -> tuple[np.ndarray, np.ndarray]:
-    """precision [T,R,K,A,M] and recall [T,K,A,M] exactly as COCOeval(iouType='bbox') evaluate()+accumulate().
+@dataclass
+class Matches:
+    """pycocotools' evaluate() output as arrays: per detection (rank < maxDets[-1] within its image and category)
+    its image, category, rank and score, and per area range and IoU threshold whether it matched / is ignored;
+    per ground truth its image, category and ignore flag per area range. Image and category are positions in
+    `img_ids` / `cat_ids`."""
+
+    img_ids: np.ndarray
+    cat_ids: np.ndarray
+    d_img: np.ndarray
+    d_cat: np.ndarray
+    d_rank: np.ndarray
+    d_score: np.ndarray
+    dt_m: np.ndarray  # [A, T, D] matched
+    dt_ig: np.ndarray  # [A, T, D] ignored
+    g_img: np.ndarray
+    g_cat: np.ndarray
+    g_ign: np.ndarray  # [A, G]
+
+
+def match(gt: GroundTruth, dets: np.ndarray, img_ids) -> Matches:
+    """pycocotools COCOeval(iouType='bbox').evaluate() on `img_ids` as arrays.
 
     dets: rows [image_id, x, y, w, h, score, category_id]; their order breaks score ties, as in COCO.loadRes.
     """
@@ -108,6 +130,22 @@ def coco_eval_arrays(gt: GroundTruth, dets: np.ndarray, img_ids) -> tuple[np.nda
         dt_m[a, t, dd[seg[k]]] = True
         dt_ig[a, t, dd[seg[k]]] = g_ign[a, gm]
     dt_ig |= ~dt_m & d_out[:, None, :]  # unmatched detections outside the area range are ignored
+    return Matches(img_ids, cat_ids, d_img, d_cat, rank, d_score, dt_m, dt_ig, g_img, g_cat, g_ign)
+
+
+def coco_eval_arrays(gt: GroundTruth, dets: np.ndarray, img_ids) -> tuple[np.ndarray, np.ndarray]:
+    """precision [T,R,K,A,M] and recall [T,K,A,M] exactly as COCOeval(iouType='bbox') evaluate()+accumulate()."""
+    return accumulate(match(gt, dets, img_ids))
+
+
+def accumulate(mt: Matches) -> tuple[np.ndarray, np.ndarray]:
+    """pycocotools COCOeval.accumulate() over Matches: precision [T,R,K,A,M] and recall [T,K,A,M]."""
+    from pycocotools.cocoeval import Params
+
+    p = Params(iouType="bbox")
+    K, A, T, R, M = len(mt.cat_ids), len(p.areaRng), len(p.iouThrs), len(p.recThrs), len(p.maxDets)
+    d_img, d_cat, d_rank, d_score, dt_m, dt_ig = mt.d_img, mt.d_cat, mt.d_rank, mt.d_score, mt.dt_m, mt.dt_ig
+    g_cat, g_ign = mt.g_cat, mt.g_ign
 
     # accumulate(): per category and maxDets, detections of all images (image order, then rank) sorted by score.
     precision = -np.ones((T, R, K, A, M))
@@ -140,6 +178,74 @@ def coco_eval_arrays(gt: GroundTruth, dets: np.ndarray, img_ids) -> tuple[np.nda
                     q[t, valid] = pr[t, ri[valid]]
                 precision[:, :, k, a, m] = q
     return precision, recall
+
+
+def _weighted_ap(w: np.ndarray, tp_img: np.ndarray, fp_before: np.ndarray, npig_b: np.ndarray,
+                 rec_thrs: np.ndarray) -> np.ndarray:
+    """AP of one category at one IoU threshold for each weight row: the mean over recall thresholds of the
+    precision envelope, as pycocotools accumulate() computes it on a dataset where image i appears w[b, i] times.
+
+    tp_img: image of each true positive in score order; fp_before: [n_tp, N] false positives of each image ranked
+    before each true positive; npig_b: [B] non-ignored ground truths per weight row (> 0).
+    pycocotools reads the envelope at the first detection whose recall reaches each threshold; recall only rises at
+    true positives, so threshold r lands on true positive m exactly when rc[m-1] < r <= rc[m]: AP is the sum over
+    true positives of envelope x (number of thresholds in that interval) / R."""
+    if len(tp_img) == 0:
+        return np.zeros(w.shape[0])
+    tp = np.cumsum(w[:, tp_img], axis=1)  # [B, n_tp], integer-valued like pycocotools' cumsum
+    fp = w @ fp_before.T
+    pr = tp / (fp + tp + np.spacing(1))  # the same float expression as pycocotools
+    env = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
+    rc = tp / npig_b[:, None]
+    reached = np.searchsorted(rec_thrs, rc.ravel(), side="right").reshape(rc.shape)  # thresholds r <= rc
+    counts = np.diff(reached, axis=1, prepend=0)
+    return (env * counts).sum(axis=1) / len(rec_thrs)
+
+
+def weighted_map(mt: Matches, weights: np.ndarray, max_det: int = 100) -> dict[str, np.ndarray]:
+    """mAP50-95 and mAP50 (area all, maxDets 100) for each row of `weights` ([B, n images], in mt.img_ids order):
+    the value pycocotools reports on a dataset holding image i weights[b, i] times.
+
+    The per-image matching is reused as is (it does not depend on which other images are evaluated); only the
+    accumulation is redone, vectorised over the rows. Exact-score ties between two detections of one image and
+    category are ordered copy-major by pycocotools and detection-major here (they never occur with float scores in
+    practice)."""
+    from pycocotools.cocoeval import Params
+
+    p = Params(iouType="bbox")
+    w = np.atleast_2d(np.asarray(weights, np.float64))
+    B, N = w.shape
+    K, T = len(mt.cat_ids), len(p.iouThrs)
+    rec_thrs = np.asarray(p.recThrs, np.float64)
+    keep = mt.d_rank < max_det
+    g_ok = ~mt.g_ign[0]  # area "all"
+    npig_img = np.zeros((K, N))
+    np.add.at(npig_img, (mt.g_cat[g_ok], mt.g_img[g_ok]), 1.0)
+    npig = w @ npig_img.T  # [B, K]
+    ap = np.zeros((B, K, T))
+    corder = np.lexsort((mt.d_rank, mt.d_img, mt.d_cat))
+    corder = corder[keep[corder]]
+    cstart = np.searchsorted(mt.d_cat[corder], np.arange(K + 1))
+    for k in range(K):
+        if not npig_img[k].any():
+            continue
+        idx = corder[cstart[k]:cstart[k + 1]]
+        idx = idx[np.argsort(-mt.d_score[idx], kind="mergesort")]
+        img = mt.d_img[idx]
+        for t in range(T):
+            m, ig = mt.dt_m[0, t, idx], mt.dt_ig[0, t, idx]
+            is_tp, is_fp = m & ~ig, ~m & ~ig
+            tp_pos = np.flatnonzero(is_tp)
+            fp_onehot = np.zeros((len(idx) + 1, N))
+            fp_onehot[np.flatnonzero(is_fp) + 1, img[is_fp]] = 1.0
+            fp_before = np.cumsum(fp_onehot, axis=0)[tp_pos]  # FPs ranked before each TP, per image
+            safe = np.where(npig[:, k] > 0, npig[:, k], 1.0)
+            ap[:, k, t] = _weighted_ap(w, img[tp_pos], fp_before, safe, rec_thrs)
+    valid = npig > 0  # a category with no ground truth in a resample is left out, as pycocotools does (-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m5095 = (ap.mean(axis=2) * valid).sum(axis=1) / valid.sum(axis=1)
+        m50 = (ap[:, :, 0] * valid).sum(axis=1) / valid.sum(axis=1)
+    return {"mAP50-95": np.where(valid.any(axis=1), m5095, -1.0), "mAP50": np.where(valid.any(axis=1), m50, -1.0)}
 
 
 def summarize(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
