@@ -110,9 +110,15 @@ class QuantizeConfig:
 
     @property
     def model_path(self) -> Path:
+        """The ONNX model; a .pt checkpoint resolves to its cached ONNX export (sensq.pt_export)."""
         if not self.onnx_model:
             raise SensqError("no model given", "pass --model model.onnx or set model_parameters.onnx_model in the config")
-        return self.resolve(self.onnx_model)
+        path = self.resolve(self.onnx_model)
+        if path.suffix.lower() == ".pt":
+            from .pt_export import resolve_model
+
+            return resolve_model(path)
+        return path
 
     @property
     def out_dir(self) -> Path:

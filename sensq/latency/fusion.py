@@ -1,0 +1,92 @@
+"""Fusion sanity of a built QDQ model on ONNX Runtime's CPU provider: what stays unfused after ORT's optimizer.
+
+ORT fuses DequantizeLinear -> op -> QuantizeLinear into QLinear/int8 kernels. Whatever Q/DQ survives its graph
+optimizations is a float<->int8 conversion executed on every run: at the model's inputs and outputs that is
+inherent, inside the graph it is the price of a float island (a DQ into the island, a Q out of it) or of a node ORT
+cannot fuse. Cast nodes are counted the same way. The counts come from the optimized graph ORT itself writes
+(SessionOptions.optimized_model_filepath), not from a re-implementation of its fusion rules.
+
+ORT (1.2x, transformer WeightBiasQuantization, from the basic level on) also quantizes the float weights of a Conv,
+Gemm or MatMul that reads a DequantizeLinear and feeds a QuantizeLinear: such a "float" node runs in int8 on ORT
+after all. `requantized_float_nodes` names them, read from the basic-level graph where node names are still intact.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from ..runtime import DEFAULT_THREADS
+from .base import ModelLike
+
+LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def _proto(model: ModelLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(str(model))
+
+
+def optimized_graph(model: ModelLike, level: str = "all") -> onnx.ModelProto:
+    """The graph ORT's CPU provider runs after its optimizations at `level` ("basic", "extended" or "all")."""
+    proto = _proto(model)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.intra_op_num_threads = DEFAULT_THREADS
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="sensq-fusion-") as tmp:
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
+def _conversions(graph: onnx.GraphProto) -> dict[str, int]:
+    """Q and DQ nodes, split into those at the model boundary (Q of a graph input, DQ into a graph output) and inside."""
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    ops = Counter(n.op_type for n in graph.node)
+    boundary_q = sum(1 for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inputs)
+    boundary_dq = sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in outputs)
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    pairs = sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and producer.get(n.input[0]) == "QuantizeLinear")
+    return {"q": ops["QuantizeLinear"], "dq": ops["DequantizeLinear"], "boundary_q": boundary_q,
+            "boundary_dq": boundary_dq, "qdq_pairs": pairs, "casts": ops["Cast"]}
+
+
+def requantized_float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes whose float weights ORT quantizes itself: consumers of DequantizeLinear nodes ORT added."""
+    own = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    opt = optimized_graph(model, "basic")
+    added = {o for n in opt.graph.node if n.op_type == "DequantizeLinear" for o in n.output if o not in own}
+    return sorted({n.name for n in opt.graph.node if any(i in added for i in n.input)})
+
+
+def fusion_report(model: ModelLike, reference: ModelLike | None = None, level: str = "all") -> dict:
+    """Small dict for a trial's record:
+
+    q, dq                 QuantizeLinear / DequantizeLinear nodes in the built model
+    unfused_q/_dq         of those, still present after ORT's optimizations (each runs on every inference)
+    island_q/_dq          unfused ones inside the graph (not quantizing a model input / dequantizing a model output)
+    unfused_pairs         Q -> DQ pairs left as they are (not folded into an int8 kernel)
+    fused_ops             nodes of ORT's int8 kernels (QLinear*, ConvInteger, MatMulInteger, QGemm, ...)
+    casts, casts_added    Cast nodes after optimization, and how many more than the FP32 `reference` (or than the
+                          built model had before optimization when no reference is given)
+    requantized_float_nodes  nodes left float by the plan whose weights ORT quantized anyway (see module doc)
+    """
+    proto = _proto(model)
+    before = _conversions(proto.graph)
+    opt = optimized_graph(proto, level)
+    after = _conversions(opt.graph)
+    fused = sum(1 for n in opt.graph.node if n.op_type.startswith(("QLinear", "QGemm", "DynamicQuantize"))
+                or n.op_type in ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QAttention"))
+    baseline = _conversions(optimized_graph(reference, level).graph)["casts"] if reference is not None else before["casts"]
+    return {"level": level, "q": before["q"], "dq": before["dq"], "unfused_q": after["q"], "unfused_dq": after["dq"],
+            "island_q": after["q"] - after["boundary_q"], "island_dq": after["dq"] - after["boundary_dq"],
+            "unfused_pairs": after["qdq_pairs"], "fused_ops": fused, "casts": after["casts"],
+            "casts_added": after["casts"] - baseline, "requantized_float_nodes": requantized_float_nodes(proto)}
