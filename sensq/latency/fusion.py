@@ -22,6 +22,7 @@ import onnxruntime as ort
 from ..runtime import DEFAULT_THREADS
 from .base import ModelLike
 
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
@@ -60,11 +61,14 @@ def _conversions(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def requantized_float_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes whose float weights ORT quantizes itself: consumers of DequantizeLinear nodes ORT added."""
-    own = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    """Nodes whose float weights ORT quantizes itself: Conv/ConvTranspose/Gemm/MatMul reading a DequantizeLinear of
+    an initializer that ORT created (Q/DQ that ORT only duplicates or moves across Reshape/Transpose read tensors
+    the model has, or node outputs)."""
+    own = {i.name for i in model.graph.initializer}
     opt = optimized_graph(model, "basic")
-    added = {o for n in opt.graph.node if n.op_type == "DequantizeLinear" for o in n.output if o not in own}
-    return sorted({n.name for n in opt.graph.node if any(i in added for i in n.input)})
+    new_inits = {i.name for i in opt.graph.initializer} - own
+    added = {o for n in opt.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in new_inits for o in n.output}
+    return sorted({n.name for n in opt.graph.node if n.op_type in WEIGHT_OPS and any(i in added for i in n.input)})
 
 
 def fusion_report(model: ModelLike, reference: ModelLike | None = None, level: str = "all") -> dict:
