@@ -83,3 +83,23 @@ def test_float_conv_between_dq_and_q_is_requantized_by_ort():
     kept_float = ort.InferenceSession(data, providers=["CPUExecutionProvider"],
                                       disabled_optimizers=["WeightBiasQuantization"]).run(None, {"x": x})[0]
     assert not np.array_equal(default, kept_float)
+
+
+def test_yolov5n_decode_head_is_not_reported_as_requantized(yolov5n, coco_dir):
+    """ORT duplicates DQs and moves Q/DQ across the head's Reshape/Transpose; neither is weight re-quantization.
+    Independent check: disabling WeightBiasQuantization leaves the outputs bit-identical."""
+    from sensq.config import InputParams, QuantizeConfig
+    from sensq.quantize import prepare
+
+    ws = prepare(QuantizeConfig(onnx_model=str(yolov5n), calibration_step=4,
+                                inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))]), progress=False)
+    q = ws.build()
+    r = fusion_report(q, reference=ws.model)
+    assert r["requantized_float_nodes"] == [] and r["island_q"] == 0
+    x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+    data = q.SerializeToString()
+    name = ws.model.graph.input[0].name
+    a = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    b = ort.InferenceSession(data, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=["WeightBiasQuantization"]).run(None, {name: x})[0]
+    assert np.array_equal(a, b)
