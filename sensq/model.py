@@ -1,14 +1,20 @@
-"""Model handling: loading with clear errors, graph queries, float regions (truncation, subgraphs), YOLO heads."""
+"""Model handling: loading with clear errors, graph queries, node naming, float regions (truncation, subgraphs).
+
+Detector heads are found in sensq.heads.
+"""
 from __future__ import annotations
 
-import re
+import logging
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import SensqError
+
+log = logging.getLogger("sensq")
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -34,6 +40,31 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every node of `model` a unique name, in place; returns how many were (re)named.
+
+    Unnamed nodes (older exporters leave names empty) get '<op>_<index>'; a name that is already taken, by a
+    node the exporter named or by an earlier duplicate, gets a '_<k>' suffix. ONNX Runtime's quantizer selects
+    nodes by name (nodes_to_exclude, bias duplication), so two nodes with one name would both change precision.
+    """
+    nodes = model.graph.node
+    given = {n.name for n in nodes if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(nodes):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in seen or (name != node.name and name in given):
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        seen.add(name)
+        renamed += 1
+    return renamed
+
+
 @dataclass
 class Graph:
     """Index over a model's nodes: producers, consumers, names. Built once, read often."""
@@ -43,12 +74,12 @@ class Graph:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
     nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
     initializers: set[str] = field(default_factory=set)
+    _shapes: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.initializers = {i.name for i in self.model.graph.initializer}
-        for i, node in enumerate(self.model.graph.node):
-            if not node.name:  # some exporters leave names empty; sensq needs a handle for every node
-                node.name = f"{node.op_type}_{i}"
+        name_nodes(self.model)  # in place: the builder, the reports and --float-nodes must see the same names
+        for node in self.model.graph.node:
             self.nodes[node.name] = node
             for o in node.output:
                 if o:
@@ -56,6 +87,21 @@ class Graph:
             for x in node.input:
                 if x:
                     self.consumers[x].append(node)
+
+    def shapes(self) -> dict[str, list]:
+        """Tensor name -> dims (ints, or strings for symbolic dims) from ONNX shape inference, computed once."""
+        if self._shapes is None:
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model).graph
+            except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError):
+                # shapes only make labels richer; a model the inference rejects still works
+                inferred = self.model.graph
+            self._shapes = {}
+            for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                    self._shapes[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                            for d in v.type.tensor_type.shape.dim]
+        return self._shapes
 
     @property
     def inputs(self) -> list[str]:
@@ -146,42 +192,11 @@ def truncation_region(graph: Graph, tensors: list[str]) -> tuple[set[str], list[
     return after, warnings
 
 
-# YOLO heads --------------------------------------------------------------------------------------------------------
-_V5_HEAD = re.compile(r"^/model\.(\d+)/m\.(\d+)/Conv$")
-_V8_HEAD = re.compile(r"^/model\.(\d+)/cv([23])\.(\d+)/cv[23]\.\d+\.2/Conv$")
+def detect_yolo_head(graph: Graph):
+    """Moved to sensq.heads (names, then graph structure); kept here for callers of the old location."""
+    from .heads import detect_head
 
-
-@dataclass
-class HeadInfo:
-    kind: str  # "yolov5" or "yolov8"
-    cut_tensors: list[str]
-    float_nodes: set[str]
-    reason: str
-
-
-def detect_yolo_head(graph: Graph) -> HeadInfo | None:
-    """Recognise Ultralytics exports and return the decode region to keep float."""
-    names = list(graph.nodes)
-    v8 = [(int(m.group(1)), n) for n in names if (m := _V8_HEAD.match(n))]
-    v5 = [(int(m.group(1)), n) for n in names if (m := _V5_HEAD.match(n))]
-    for kind, hits in (("yolov8", v8), ("yolov5", v5)):
-        if not hits:
-            continue
-        top = max(i for i, _ in hits)
-        convs = sorted(n for i, n in hits if i == top)
-        cut = [graph.nodes[n].output[0] for n in convs]
-        region = graph.downstream(cut)
-        if not region or not (set(graph.outputs) & {o for n in region for o in graph.nodes[n].output}):
-            continue
-        module = f"/model.{top}"
-        if kind == "yolov5":
-            reason = (f"YOLOv5 Detect decode after {module}/m.{{0..{len(convs) - 1}}}/Conv: its final Concat mixes pixel "
-                      "coordinates (0-640) with probabilities (0-1), which one INT8 scale cannot hold")
-        else:
-            reason = (f"YOLOv8/11 Detect decode after the {module}/cv2.* (box) and {module}/cv3.* (class) branches: DFL "
-                      "softmax, anchors and the final Concat of pixel coordinates with probabilities stay float")
-        return HeadInfo(kind, cut, region, reason)
-    return None
+    return detect_head(graph)
 
 
 def group_name(node_name: str, depth: int = 1) -> str:
@@ -190,3 +205,74 @@ def group_name(node_name: str, depth: int = 1) -> str:
     if len(parts) <= 1:
         return parts[0] if parts else node_name
     return "/".join(parts[: min(depth, len(parts) - 1)])
+
+
+# Float nodes inside a QDQ model, as ONNX Runtime runs them ---------------------------------------------------------
+# onnxruntime >= 1.21 (graph optimizer WeightBiasQuantization, level 1) quantizes the float weight and bias of every
+# Conv / ConvTranspose / Gemm whose activation input comes from a DequantizeLinear with a per-tensor scale, to
+# symmetric *per-tensor* int8. A node a plan keeps float would then run with coarser weights than the INT8 default.
+WEIGHT_REQUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _channel_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> tuple[int, int]:
+    """(axis, size) of the activation input's channel axis this node reduces over, read from the weight's shape."""
+    dims = list(weight.dims) + [0, 0]
+    attrs = {a.name: a.i for a in node.attribute}
+    if node.op_type == "Gemm":
+        return (0 if attrs.get("transA") else 1), (dims[1] if attrs.get("transB") else dims[0])
+    if node.op_type == "ConvTranspose":  # weight [C, M/group, k...]
+        return 1, dims[0]
+    return 1, dims[1] * attrs.get("group", 1)  # Conv weight [M, C/group, k...]
+
+
+def shield_float_nodes(qmodel: onnx.ModelProto, float_nodes) -> int:
+    """Keep ONNX Runtime from re-quantizing the float weights of `float_nodes` in a QDQ model, in place.
+
+    The activation input of each such node is read through its own DequantizeLinear with a per-axis scale (the
+    per-tensor scale repeated along the channel axis): the same values exactly, which the optimizer does not match.
+    Returns the number of nodes shielded; applying it twice changes nothing.
+    """
+    from onnx import helper, numpy_helper
+
+    float_nodes = set(float_nodes)
+    graph = qmodel.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(graph.value_info) + list(graph.input) if v.type.tensor_type.HasField("shape")}
+    made: dict[tuple, str] = {}
+    inserts: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    shielded = 0
+    for node in graph.node:
+        if node.name not in float_nodes or node.op_type not in WEIGHT_REQUANTIZED_OPS or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[0])
+        if node.input[1] not in inits or dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if scale.size != 1:
+            continue  # already per-axis
+        shape = dims.get(dq.output[0]) or []
+        axis, n = _channel_axis(node, inits[node.input[1]])
+        if n <= 1:  # a single channel: any other axis of known size > 1 works as well
+            axis, n = next(((i, d) for i, d in enumerate(shape) if d > 1), (axis, n))
+        if n <= 1:
+            log.debug("cannot shield float node %s: no input axis of known size > 1", node.name)
+            continue
+        key = (dq.output[0], axis, n)
+        if key not in made:
+            zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+            base = f"{dq.output[0]}_per_axis{axis}"
+            graph.initializer.append(numpy_helper.from_array(np.full(n, scale.reshape(()), scale.dtype), base + "_scale"))
+            inputs = [dq.input[0], base + "_scale"]
+            if zp is not None:
+                graph.initializer.append(numpy_helper.from_array(np.full(n, zp.reshape(()), zp.dtype), base + "_zero_point"))
+                inputs.append(base + "_zero_point")
+            inserts.append((dq, helper.make_node("DequantizeLinear", inputs, [base], name=f"{dq.name}_per_axis{axis}", axis=axis)))
+            made[key] = base
+        node.input[0] = made[key]
+        shielded += 1
+    for after, new in inserts:  # right after the per-tensor DQ: the graph stays topologically sorted
+        graph.node.insert(list(graph.node).index(after) + 1, new)
+    return shielded
+

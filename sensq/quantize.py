@@ -17,7 +17,8 @@ from .build import QDQBuilder
 from .config import QuantizeConfig
 from .data import SyntheticData, build_calibration_data
 from .errors import SensqError
-from .model import Graph, HeadInfo, detect_yolo_head, load_model, simplify, truncation_region
+from .heads import HeadInfo, confirm_head, detect_head
+from .model import Graph, load_model, shield_float_nodes, simplify, truncation_region
 from .plan import PrecisionPlan
 from .statistics import CalibrationStats, collect, stats_key
 
@@ -56,7 +57,19 @@ class Workspace:
         return out
 
     def build(self, plan: PrecisionPlan | None = None) -> onnx.ModelProto:
-        return self.builder.build(plan or self.base_plan)
+        plan = plan or self.base_plan
+        qmodel = self.builder.build(plan)
+        shield_float_nodes(qmodel, plan.float_nodes)  # else onnxruntime re-quantizes float Conv/Gemm weights
+        return qmodel
+
+    def build_to(self, plan: PrecisionPlan | None, path: str | Path) -> onnx.ModelProto:
+        qmodel = self.build(plan)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            onnx.save(qmodel, str(path))
+        except OSError as e:
+            raise SensqError(f"cannot write {path}: {e.strerror or e}", "choose an output path in a writable folder (-o / working_dir)") from e
+        return qmodel
 
 
 def load_and_simplify(cfg: QuantizeConfig) -> onnx.ModelProto:
@@ -76,12 +89,15 @@ def load_and_simplify(cfg: QuantizeConfig) -> onnx.ModelProto:
     return slim
 
 
-def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | None) -> tuple[PrecisionPlan, dict[str, list[str]]]:
+def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | None,
+                          warn: bool = True) -> tuple[PrecisionPlan, dict[str, list[str]]]:
+    """The base plan: float nodes with their reasons (truncation, detector head, custom_setting, float_nodes, op
+    types). Raises on names the graph does not have; `warn=False` checks without logging (prepare's early pass)."""
     reasons: dict[str, list[str]] = {}
     overrides: dict[str, dict] = {}
     if cfg.truncate_var_names:
         after, warnings = truncation_region(graph, cfg.truncate_var_names)
-        for w in warnings:
+        for w in warnings if warn else []:
             log.warning(w)
         reasons[f"after truncate_var_names {cfg.truncate_var_names}"] = sorted(after)
     if head is not None and cfg.auto_float_head:
@@ -116,7 +132,7 @@ def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | No
     if cfg.float_op_types:
         ops = set(cfg.float_op_types)
         reasons[f"op type in float_op_types {sorted(ops)}"] = sorted(n for n, node in graph.nodes.items() if node.op_type in ops)
-    if cfg.precision_level:
+    if cfg.precision_level and warn:
         log.warning("global precision_level %s: sensq applies precision_level to custom_setting regions only", cfg.precision_level)
     float_nodes = sorted(set().union(*reasons.values())) if reasons else []
     plan = PrecisionPlan(method=cfg.calibration_type, percentile=cfg.max_percentile, per_channel=cfg.per_channel,
@@ -159,9 +175,12 @@ def calibration_statistics(cfg: QuantizeConfig, model: onnx.ModelProto, yolo: bo
 def prepare(cfg: QuantizeConfig, progress: bool = True) -> Workspace:
     model = load_and_simplify(cfg)
     graph = Graph(model)
-    head = detect_yolo_head(graph)
-    plan, reasons = resolve_float_regions(cfg, graph, head)
+    # Pass 1 (names, structure) decides the preprocessing; config errors surface before calibration.
+    head = detect_head(graph)
+    resolve_float_regions(cfg, graph, head, warn=False)
     stats, cached, seconds, data = calibration_statistics(cfg, model, yolo=head is not None, progress=progress)
+    head = confirm_head(head, graph, stats.tensors)  # pass 2: what the statistics show, printed as the reason
+    plan, reasons = resolve_float_regions(cfg, graph, head)
     builder = QDQBuilder(model, stats, range_cache=cache_dir(cfg) / "stats" / f"{stats.key}.ranges.json")
     return Workspace(cfg, model, graph, head, stats, builder, plan, reasons, cached, seconds, data)
 
@@ -182,7 +201,7 @@ def quantize(cfg: QuantizeConfig, output: str | Path | None = None, progress: bo
     ws = prepare(cfg, progress=progress)
     out = Path(output) if output else cfg.output_model
     t = time.perf_counter()
-    ws.builder.build_to(ws.base_plan, out)
+    ws.build_to(ws.base_plan, out)
     build_seconds = time.perf_counter() - t
     result = QuantizeResult(out, ws.base_plan, ws.float_reasons, ws.stats_cached, ws.calibration_seconds, build_seconds)
     if analyze if analyze is not None else cfg.analysis_enable:
