@@ -88,8 +88,9 @@ def _name_reason(kind: str, module: str, n_convs: int, graph: Graph, region: set
         return (f"YOLOv5 Detect decode after {module}/m.{{0..{n_convs - 1}}}/Conv: its final Concat mixes pixel "
                 "coordinates (0-640) with probabilities (0-1), which one INT8 scale cannot hold")
     if kind == "yolov8":
-        return (f"YOLOv8/11/26 Detect decode after the {module}/cv2.* (box) and {module}/cv3.* (class) branches: DFL "
-                "softmax, anchors and the final Concat of pixel coordinates with probabilities stay float")
+        dfl = "DFL softmax, " if any(graph.nodes[n].op_type == "Softmax" for n in region) else ""
+        return (f"YOLOv8/11/26 Detect decode after the {module}/cv2.* (box) and {module}/cv3.* (class) branches: "
+                f"{dfl}anchors and the final Concat of pixel coordinates with probabilities stay float")
     ops = sorted({graph.nodes[n].op_type for n in region} & set(SELECTION_OPS))
     return (f"end-to-end (NMS-free) YOLO26/YOLOv10 head after the {module}/one2one_cv2.* (box) and one2one_cv3.* "
             f"(class) branches: decode, top-k selection ({', '.join(ops) or 'none'}: indices must not pass through "
