@@ -1,7 +1,8 @@
 """Accuracy / latency Pareto front of a mixed-precision search: CSV, JSON, markdown, PNG and a terminal summary.
 
-Trials maximize `metric` and minimize `latency_ms`. Only COMPLETE trials can be on the front: a pruned trial's
-metric was measured on a subset and is not comparable.
+Input: the points of sensq.search.results (every full trial and FP32) with their intervals, the front and a summary.
+The latency axis is the ratio to FP32 measured in the same interleaved rounds, with its 95 % interval; the measured
+time of the model itself (this machine, the run it was measured in) is shown next to it and never rescaled.
 """
 from __future__ import annotations
 
@@ -14,244 +15,183 @@ import pandas as pd
 
 from sensq.reports import plots
 
-FRONT_COLUMNS = ["trial", "label", "metric", "latency_ms", "float_groups", "method", "percentile", "bops"]
+CSV_COLUMNS = ["trial", "label", "on_front", "recommended", "metric", "metric_lo", "metric_hi", "d_fp32", "d_fp32_lo",
+               "d_fp32_hi", "d_int8", "d_int8_lo", "d_int8_hi", "confirm_metric", "confirm_metric_lo",
+               "confirm_metric_hi", "confirm_d_fp32", "confirm_d_fp32_lo", "confirm_d_fp32_hi", "optimism", "ratio",
+               "ratio_lo", "ratio_hi", "latency_value", "latency_iqr", "latency_unit", "fp32_value_same_rounds",
+               "latency_date", "machine_id", "float_groups", "n_float_nodes", "method", "percentile", "per_channel",
+               "overflow_fix", "source", "gbops", "plan_key", "structure_key"]
 
 
-def as_group_list(value) -> list[str]:
-    """float_groups as a list whether it arrived as a list, a comma/semicolon-joined string or nothing."""
-    if value is None:
-        return []
-    if isinstance(value, float) and math.isnan(value):
-        return []
-    if isinstance(value, str):
-        return [g.strip() for g in value.replace(";", ",").split(",") if g.strip()]
-    if isinstance(value, (list, tuple, np.ndarray, set)):
-        return [str(g) for g in value]
-    return [str(value)]
+def _ok(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def _is_complete(state) -> bool:
-    # Accept "COMPLETE", "complete" and str(optuna.trial.TrialState.COMPLETE) == "TrialState.COMPLETE".
-    return str(state).strip().upper().endswith("COMPLETE")
-
-
-def _complete_rows(df: pd.DataFrame) -> pd.DataFrame:
-    rows = df if "state" not in df.columns else df[df["state"].map(_is_complete)]
-    metric = pd.to_numeric(rows["metric"], errors="coerce")
-    latency = pd.to_numeric(rows["latency_ms"], errors="coerce")
-    return rows[np.isfinite(metric) & np.isfinite(latency)]
-
-
-def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
-    """Non-dominated COMPLETE rows (max metric, min latency), sorted by latency ascending.
-
-    A row is dominated if another has metric >= and latency <= with one of them strict. Among exact duplicates
-    (same metric and latency) only the lowest trial number is kept.
-    """
-    rows = _complete_rows(df)
-    if rows.empty:
-        return rows.iloc[0:0].reset_index(drop=True)
-    metric = pd.to_numeric(rows["metric"]).to_numpy(dtype=np.float64)
-    latency = pd.to_numeric(rows["latency_ms"]).to_numpy(dtype=np.float64)
-    trial = pd.to_numeric(rows["trial"], errors="coerce").to_numpy(dtype=np.float64) if "trial" in rows else np.arange(len(rows), dtype=np.float64)
-    trial = np.where(np.isnan(trial), np.inf, trial)
-    # Fastest first, best metric first within a latency, lowest trial first within exact duplicates: a sweep that
-    # keeps only strict metric improvements then drops exactly the dominated rows and the later duplicates.
-    order = np.lexsort((trial, -metric, latency))
-    keep, best = [], -math.inf
-    for i in order:
-        if metric[i] > best:
-            keep.append(i)
-            best = metric[i]
-    return rows.iloc[keep].reset_index(drop=True)
-
-
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN / inf
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _normalized(df: pd.DataFrame) -> pd.DataFrame:
-    out = df.copy()
-    if "float_groups" in out.columns:
-        out["float_groups"] = [as_group_list(v) for v in out["float_groups"]]
-    return out
-
-
-def front_to_csv_frame(front: pd.DataFrame) -> pd.DataFrame:
-    """List-valued cells joined with ';' so the CSV stays one value per cell."""
-    out = _normalized(front)
-    for col in out.columns:
-        if out[col].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
-            out[col] = [";".join(str(x) for x in v) if isinstance(v, (list, tuple, np.ndarray)) else v for v in out[col]]
-    ordered = [c for c in FRONT_COLUMNS if c in out.columns]
-    return out[ordered + [c for c in out.columns if c not in ordered]]
-
-
-def front_records(front: pd.DataFrame) -> list[dict]:
-    out = _normalized(front)
-    return [{str(k): _jsonable(v) for k, v in rec.items()} for rec in out.to_dict(orient="records")]
-
-
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    if _is_missing(value):
-        return missing
-    try:
-        return format(float(value), spec)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _fmt_trial(value) -> str:
-    if _is_missing(value):
+def _ci(row: dict, key: str, spec: str = ".4f", signed: bool = False) -> str:
+    v = row.get(key)
+    if not _ok(v):
         return "-"
-    try:
-        return str(int(value))
-    except (TypeError, ValueError):
-        return str(value)
+    fmt = ("+" if signed else "") + spec
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if _ok(lo) and _ok(hi) else f"{v:{fmt}}"
 
 
-def _label(row) -> str:
-    value = row.get("label") if hasattr(row, "get") else None
-    return "" if _is_missing(value) else str(value)
+def _ratio(row: dict) -> str:
+    if not _ok(row.get("ratio")):
+        return "-"
+    lo, hi = row.get("ratio_lo"), row.get("ratio_hi")
+    if _ok(lo) and _ok(hi) and lo != hi:
+        return f"{row['ratio']:.3f}x [{lo:.3f}, {hi:.3f}]"
+    return f"{row['ratio']:.3f}x"
 
 
-def format_front_summary(front_df: pd.DataFrame, metric_name: str = "mAP50-95", max_rows: int = 15) -> str:
-    """Fixed-width terminal table of the front, fastest first; longer fronts end with a '… N more' line."""
-    if front_df.empty:
-        return "Pareto front: empty (no COMPLETE trials with a metric and a latency)"
-    front = _normalized(front_df)
-    header = f"{'trial':>5}  {metric_name:>10}  {'lat ms':>8}  {'#fp':>3}  {'float groups':<34}  {'method':<10}  {'pct':>7}  label"
-    lines = [f"Pareto front: {len(front)} trial(s), {metric_name} higher is better, latency lower is better",
-             header, "-" * len(header)]
-    for _, row in front.head(max_rows).iterrows():
-        groups = row.get("float_groups", [])
-        text = ",".join(groups) if groups else "(all INT8)"
-        if len(text) > 34:
-            text = text[:33] + "…"
-        method = "" if _is_missing(row.get("method")) else str(row.get("method"))
-        lines.append(f"{_fmt_trial(row.get('trial')):>5}  {_fmt(row['metric'], '.4f'):>10}  "
-                     f"{_fmt(row['latency_ms'], '.2f'):>8}  {len(groups):>3}  {text:<34}  {method[:10]:<10}  "
-                     f"{_fmt(row.get('percentile'), 'g'):>7}  {_label(row)}")
+def _measured(row: dict) -> str:
+    v = row.get("latency_value")
+    if not _ok(v):
+        return "-"
+    iqr = row.get("latency_iqr")
+    return f"{v:.4g} ± {iqr:.2g}" if _ok(iqr) and iqr > 0 else f"{v:.4g}"
+
+
+def _groups(row: dict) -> str:
+    g = row.get("float_groups") or []
+    return ", ".join(g) if g else "(all INT8)"
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -> str:
+    """Terminal table of the front (cheapest first) and the notes a user needs before picking a point."""
+    m, unit = summary["metric_name"], summary["latency_unit"]
+    confirm = any(_ok(r.get("confirm_metric")) for r in front)
+    head = (f"{'trial':>5}  {m + ' (search) [95% CI]':<28}  {'vs FP32':<26}"
+            + (f"  {m + ' (confirm)':<28}" if confirm else "") + f"  {'latency x FP32 [95% CI]':<25}  {unit + ' (measured)':<16}  float groups")
+    lines = [f"Pareto front: {len(front)} point(s); {m} higher is better, latency lower is better", head, "-" * len(head)]
+    for r in front[:max_rows]:
+        tag = " *" if r.get("recommended") else ""
+        line = f"{('FP32' if r['trial'] < 0 else str(r['trial'])) + tag:>5}  {_ci(r, 'metric'):<28}  {_ci(r, 'd_fp32', signed=True):<26}"
+        if confirm:
+            line += f"  {_ci(r, 'confirm_metric'):<28}"
+        lines.append(line + f"  {_ratio(r):<25}  {_measured(r):<16}  {_groups(r)[:40]}")
     if len(front) > max_rows:
-        lines.append(f"… {len(front) - max_rows} more on the front (see pareto.csv)")
+        lines.append(f"... {len(front) - max_rows} more on the front (see pareto.csv)")
+    lines += [f"* recommended: {summary['recommendation_rule']}" if summary.get("recommended_trial") is not None
+              else f"no recommended point: no front point is within {summary['max_drop']} of FP32 on the search split"]
+    lines += summary.get("neighbours", [])
+    lines.append(f"{summary['distinct_plans']} distinct plans scored ({summary['strategy']}), {summary['repeats']} repeated "
+                 f"proposals skipped, {summary['pruned']} stopped after {summary['low_fidelity']} of "
+                 f"{summary['search_samples']} search samples (~{summary['saved_seconds_estimate']:.0f} s saved); "
+                 f"held-out confirm samples: {summary['confirm_samples'] or 'none'}")
     return "\n".join(lines)
 
 
-def _markdown(front: pd.DataFrame, n_all: int, n_complete: int, metric_name: str, latency_unit: str,
-              references: dict[str, tuple[float, float]], png_name: str) -> str:
-    front = _normalized(front)
-    has_label = "label" in front.columns and front["label"].map(lambda v: not _is_missing(v) and str(v) != "").any()
-    lines = ["# Pareto front: accuracy vs latency", ""]
-    lines.append(f"{len(front)} non-dominated trial(s) out of {n_complete} complete ({n_all} in total). A trial is on "
-                 f"the front when no other complete trial has both a higher-or-equal {metric_name} and a lower-or-equal "
-                 f"latency (one of them strictly). Float groups are the layer groups kept in FP32; the rest is INT8.")
-    lines += ["", f"![pareto front]({png_name})", ""]
-    cols = ["trial"] + (["label"] if has_label else []) + [metric_name, f"latency ({latency_unit})", "float groups",
-                                                           "method", "percentile"]
+def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> str:
+    m, unit = summary["metric_name"], summary["latency_unit"]
+    mach = summary["machine"]
+    lines = ["# Pareto front: accuracy vs latency", "",
+             f"{len(front)} point(s) on the front out of {len(rows) - 1} fully scored plans and FP32. Metric: {m} on the "
+             f"search split ({summary['search_samples']} samples; held-out confirm split: "
+             f"{summary['confirm_samples'] or 'none'}). Intervals are 95 % paired BCa bootstrap intervals over samples "
+             f"(1000 resamples). Latency: ratio to FP32 timed in interleaved rounds with backend `{summary['latency_backend']}`"
+             f" on {mach.get('cpu_model')} ({', '.join(mach.get('isa') or [])}, {mach.get('threads')} threads, "
+             f"{mach.get('runtime')} {mach.get('runtime_version')}), 95 % interval of the median ratio; "
+             f"'{unit} (measured)' is the model's own median and IQR in the run it was measured in.", "",
+             f"Recommended: **trial {summary['recommended_trial']}** — {summary['recommendation_rule']}."
+             if summary.get("recommended_trial") is not None else
+             f"No recommended point: none is within {summary['max_drop']} of FP32 on the search split.", "",
+             f"![pareto front]({png})", ""]
+    cols = ["trial", "label", f"{m} (search)", "Δ vs FP32", "Δ vs all-INT8", f"{m} (confirm)", "Δ vs FP32 (confirm)",
+            "latency x FP32", f"{unit} (measured)", "float groups", "method", "overflow fix"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in front.iterrows():
-        groups = row.get("float_groups", [])
-        cells = [_fmt_trial(row.get("trial"))]
-        if has_label:
-            cells.append(_label(row))
-        cells += [_fmt(row["metric"], ".4f"), _fmt(row["latency_ms"], ".2f"),
-                  ", ".join(groups) if groups else "(all INT8)",
-                  "-" if _is_missing(row.get("method")) else str(row.get("method")),
-                  _fmt(row.get("percentile"), "g")]
+    for r in front:
+        cells = [("FP32" if r["trial"] < 0 else str(r["trial"])) + (" (recommended)" if r.get("recommended") else ""),
+                 r.get("label") or "", _ci(r, "metric"), _ci(r, "d_fp32", signed=True), _ci(r, "d_int8", signed=True),
+                 _ci(r, "confirm_metric"), _ci(r, "confirm_d_fp32", signed=True), _ratio(r), _measured(r), _groups(r),
+                 str(r.get("method") or "-") + (f" p{r['percentile']:g}" if _ok(r.get("percentile")) else ""),
+                 str(r.get("overflow_fix") or "-")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    if references:
-        lines += ["", "Reference results (other tools, same metric and latency measurement):", ""]
-        for name, (metric, latency) in references.items():
-            lines.append(f"- {name}: {metric_name} {metric:.4f} at {latency:.2f} {latency_unit}")
-    lines.append("")
+    lines += ["", "## Reading it", ""] + [f"- {n}" for n in summary.get("neighbours", [])]
+    opt = [r for r in front if _ok(r.get("optimism")) and r["trial"] >= 0]
+    if opt:
+        lines.append(f"- Optimism (search − confirm) of the front points: mean {np.mean([r['optimism'] for r in opt]):+.4f}, "
+                     f"range [{min(r['optimism'] for r in opt):+.4f}, {max(r['optimism'] for r in opt):+.4f}]: the search "
+                     "split selected these points, the confirm split did not.")
+    lines += [f"- {summary['distinct_plans']} distinct plans scored by strategy `{summary['strategy']}`; "
+              f"{summary['repeats']} repeated proposals were skipped (not run, not counted); {summary['pruned']} plans "
+              f"stopped after {summary['low_fidelity']} samples on paired evidence (see trials.csv: `pruned`).",
+              f"- Hypervolume in (ratio, {m}) against ({summary['hypervolume_ref']['ratio']}, "
+              f"{summary['hypervolume_ref']['metric']:.4f}): {summary['hypervolume']:.6f}.", ""]
     return "\n".join(lines)
 
 
-def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: str | Path, metric_name: str, latency_unit: str,
-                references: dict[str, tuple[float, float]]) -> Path:
+def plot_pareto(rows: list[dict], front: list[dict], path: Path, summary: dict) -> Path:
+    m = summary["metric_name"]
     fig = plots.new_figure(9, 6)
     ax = fig.add_subplot()
-    metric = pd.to_numeric(df["metric"], errors="coerce")
-    latency = pd.to_numeric(df["latency_ms"], errors="coerce")
-    ok = np.isfinite(metric) & np.isfinite(latency)
-    complete = df["state"].map(_is_complete) if "state" in df.columns else pd.Series(True, index=df.index)
-    sel = ok & complete
-    ax.scatter(latency[sel], metric[sel], s=16, color=plots.COLOR_BACKGROUND, label=f"trials ({int(sel.sum())})", zorder=1)
-    sel = ok & ~complete
-    if sel.any():
-        ax.scatter(latency[sel], metric[sel], s=14, marker="x", color=plots.COLOR_BACKGROUND, alpha=0.7,
-                   label=f"pruned / failed ({int(sel.sum())})", zorder=1)
-    if len(front):
-        ax.plot(front["latency_ms"], front["metric"], drawstyle="steps-post", color=plots.COLOR_FRONT, linewidth=1.2, zorder=2)
-        ax.scatter(front["latency_ms"], front["metric"], s=30, color=plots.COLOR_FRONT,
-                   label=f"Pareto front ({len(front)})", zorder=3, edgecolors="black", linewidths=0.4)
-    if "label" in df.columns:
-        for _, row in df[ok].iterrows():
-            text = _label(row)
-            if text and not _is_complete(row.get("state", "COMPLETE")):
-                text += " (pruned: score on the first samples only)"
-            if text:
-                ax.scatter([row["latency_ms"]], [row["metric"]], s=60, facecolors="none", edgecolors="black", zorder=4)
-                ax.annotate(text, (row["latency_ms"], row["metric"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    labelled = {_label(row) for _, row in df.iterrows()} if "label" in df.columns else set()
-    drawn = {k: v for k, v in (references or {}).items() if k not in labelled}  # a labelled row is drawn once
-    for i, (name, (ref_metric, ref_latency)) in enumerate(drawn.items()):
-        ax.scatter([ref_latency], [ref_metric], s=60, marker="D", color=plots.COLOR_REFERENCE, edgecolors="black",
-                   linewidths=0.5, zorder=4, label="reference results" if i == 0 else None)
-        ax.annotate(name, (ref_latency, ref_metric), textcoords="offset points", xytext=(6, -12), fontsize=8,
-                    color="#2F6B3A")
-    ax.set_xlabel(f"latency ({latency_unit})")
-    ax.set_ylabel(metric_name)
-    ax.set_title(f"{metric_name} vs latency (up and left is better)", fontsize=10)
+    others = [r for r in rows if not r.get("on_front")]
+    if others:
+        ax.scatter([r["ratio"] for r in others], [r["metric"] for r in others], s=14, color=plots.COLOR_BACKGROUND,
+                   label=f"other plans ({len(others)})", zorder=1)
+    x = np.array([r["ratio"] for r in front], np.float64)
+    y = np.array([r["metric"] for r in front], np.float64)
+    xerr = np.array([[r["ratio"] - (r.get("ratio_lo") if _ok(r.get("ratio_lo")) else r["ratio"]),
+                      (r.get("ratio_hi") if _ok(r.get("ratio_hi")) else r["ratio"]) - r["ratio"]] for r in front]).T
+    yerr = np.array([[r["metric"] - (r.get("metric_lo") if _ok(r.get("metric_lo")) else r["metric"]),
+                      (r.get("metric_hi") if _ok(r.get("metric_hi")) else r["metric"]) - r["metric"]] for r in front]).T
+    ax.plot(x, y, drawstyle="steps-post", color=plots.COLOR_FRONT, linewidth=1.0, zorder=2)
+    ax.errorbar(x, y, xerr=np.maximum(xerr, 0), yerr=np.maximum(yerr, 0), fmt="o", color=plots.COLOR_FRONT, ms=5,
+                capsize=2, elinewidth=0.8, label=f"front, search split ({len(front)}; 95 % intervals)", zorder=3)
+    conf = [r for r in front if _ok(r.get("confirm_metric"))]
+    if conf:
+        ax.scatter([r["ratio"] for r in conf], [r["confirm_metric"] for r in conf], s=36, facecolors="none",
+                   edgecolors=plots.COLOR_REFERENCE, label="same points, held-out confirm split", zorder=4)
+    for r in front:
+        text = "FP32" if r["trial"] < 0 else f"#{r['trial']}" + (" recommended" if r.get("recommended") else "")
+        ax.annotate(text, (r["ratio"], r["metric"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.set_xlabel(f"latency / FP32 latency (paired rounds, backend {summary['latency_backend']})")
+    ax.set_ylabel(f"{m} (up and left is better)")
+    ax.set_title(f"{m} vs latency ratio: {summary['distinct_plans']} plans, {summary['strategy']}", fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right")
     return plots.save_figure(fig, path)
 
 
-def write_pareto_report(df: pd.DataFrame, out_dir: str | Path, metric_name: str = "mAP50-95", latency_unit: str = "ms",
-                        references: dict[str, tuple[float, float]] | None = None) -> dict[str, Path]:
-    """Write pareto.csv / pareto.json / pareto.md / pareto.png; references map a name to (metric, latency).
-
-    pareto.json: {"metric_name", "metric_goal": "maximize", "latency_unit", "latency_goal": "minimize",
-    "all_trials", "complete_trials", "front": [one record per front row, float_groups as a list],
-    "references": {name: {"metric", "latency"}}}.
-    """
-    references = dict(references or {})
+def write_pareto_report(rows: list[dict], front: list[dict], summary: dict, out_dir: str | Path) -> dict[str, Path]:
+    """pareto.csv (all fully scored points, `on_front` marks the front), pareto.json (front rows, summary,
+    recommended_trial), pareto.md, pareto.png and front/trial_N.json; prints the terminal summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"pareto.{ext}" for ext in ("csv", "json", "md", "png")}
-    front = pareto_front(df)
-    # Reference rows (trial < 0, e.g. FP32) may sit on the front but are not trials: do not count them.
-    is_trial = pd.to_numeric(df["trial"], errors="coerce").fillna(0) >= 0 if "trial" in df.columns else pd.Series(True, index=df.index)
-    n_all, n_complete = int(is_trial.sum()), len(_complete_rows(df[is_trial]))
-
-    front_to_csv_frame(front).to_csv(paths["csv"], index=False)
-    doc = {
-        "metric_name": metric_name,
-        "metric_goal": "maximize",
-        "latency_unit": latency_unit,
-        "latency_goal": "minimize",
-        "all_trials": n_all,
-        "complete_trials": int(n_complete),
-        "front": front_records(front),
-        "references": {name: {"metric": _jsonable(float(m)), "latency": _jsonable(float(lat))}
-                       for name, (m, lat) in references.items()},
-    }
-    paths["json"].write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["md"].write_text(_markdown(front, n_all, n_complete, metric_name, latency_unit, references,
-                                     paths["png"].name), encoding="utf-8")
-    plot_pareto(df, front, paths["png"], metric_name, latency_unit, references)
+    frame = pd.DataFrame(rows).drop(columns=["plan"], errors="ignore")
+    frame["float_groups"] = [";".join(g or []) for g in frame["float_groups"]]
+    frame[[c for c in CSV_COLUMNS if c in frame.columns] + [c for c in frame.columns if c not in CSV_COLUMNS]] \
+        .to_csv(paths["csv"], index=False)
+    doc = {"metric_name": summary["metric_name"], "metric_goal": "maximize", "latency_axis": "ratio to FP32",
+           "latency_unit": summary["latency_unit"], "recommended_trial": summary.get("recommended_trial"),
+           "summary": summary, "front": front, "points": len(rows)}
+    paths["json"].write_text(json.dumps(_jsonable(doc), indent=1) + "\n", encoding="utf-8")
+    paths["md"].write_text(_markdown(rows, front, summary, paths["png"].name), encoding="utf-8")
+    plot_pareto(rows, front, paths["png"], summary)
+    front_dir = out_dir / "front"
+    front_dir.mkdir(exist_ok=True)
+    keep = {f"trial_{r['trial']}.json" for r in front if r["trial"] >= 0}
+    for f in front_dir.glob("trial_*.json"):
+        if f.name not in keep:
+            f.unlink()
+    for r in front:
+        if r["trial"] >= 0:
+            (front_dir / f"trial_{r['trial']}.json").write_text(json.dumps(_jsonable(r), indent=1))
+    print(format_front_summary(front, summary))
+    print(f"outputs in {out_dir}: pareto.png, pareto.md/.csv/.json, trials.csv, front/trial_N.json, sensitivity.md; "
+          f"export with: sensq export --workdir {out_dir} [--trial N] -o model.q.onnx")
     return paths

@@ -1,8 +1,8 @@
 """Declarative search spaces: what a mixed-precision search may vary. One YAML file per space.
 
 A space turns an Optuna trial plus the sensitivity ranking into a concrete PrecisionPlan. Knob types:
-  group_toggles   one toggle per group among the top_k most sensitive: float with prior probability `float_prior`
-                  (sampled as a uniform value u in [0, 1), float when u < float_prior, so a search starts near INT8)
+  group_toggles   one boolean (Optuna categorical [False, True]) per group among the top_k most sensitive: True
+                  keeps the group float. Booleans, not thresholded floats, so distinct parameters are distinct plans.
   categorical     Optuna categorical over `choices` (plan field of the same name: method, per_channel, ...)
   percentile      float in [low, high] sampled log-uniformly on the tail 100 - p (only when `when` holds)
   group_method    per-group range-method override for the top_k most sensitive INT8 groups
@@ -37,9 +37,8 @@ class SearchSpace:
         for key, spec in self.params.items():
             kind = spec.get("type")
             if kind == "group_toggles":
-                prior = float(spec.get("float_prior", 0.5))
                 for g in ranked_groups[: int(spec.get("top_k", 12))]:
-                    if trial.suggest_float(f"float:{g}", 0.0, 1.0) < prior:
+                    if trial.suggest_categorical(f"float:{g}", [False, True]):
                         out["float_groups"].append(g)
             elif kind == "categorical":
                 out[key] = trial.suggest_categorical(key, list(spec["choices"]))
@@ -57,22 +56,53 @@ class SearchSpace:
                         out["group_methods"][g] = m
         return out
 
-    def seed_params(self, ranked_groups: list[str], n_float: int, defaults: dict | None = None) -> dict:
-        """Optuna params of the seeded trial 'the default INT8 model with the top n_float groups float'.
+    def seed_params(self, ranked_groups: list[str], float_groups, defaults: dict | None = None) -> dict:
+        """Optuna params of the plan 'the default INT8 model with `float_groups` float' (an int n: the top n).
 
-        `defaults` holds the default plan's values (method, per_channel, ...); a knob whose default is not among its
-        choices takes the first choice."""
+        `defaults` holds the default plan's values (method, percentile, per_channel, overflow_fix, ...); a knob whose
+        default is not among its choices is an error (the seeded 'all-INT8' must be the default model), so is a group
+        outside the toggled ones."""
         defaults = defaults or {}
+        toggled = self.toggled(ranked_groups)
+        wanted = set(toggled[:float_groups] if isinstance(float_groups, int) else float_groups)
+        if wanted - set(toggled):
+            raise ValueError(f"groups {sorted(wanted - set(toggled))} are not toggled by the search space")
         params = {}
         for key, spec in self.params.items():
             kind = spec.get("type")
             if kind == "group_toggles":
-                for i, g in enumerate(ranked_groups[: int(spec.get("top_k", 12))]):
-                    params[f"float:{g}"] = 0.0 if i < n_float else 1.0
+                params.update({f"float:{g}": g in wanted for g in toggled})
             elif kind == "categorical":
                 choices = list(spec["choices"])
-                params[key] = defaults[key] if defaults.get(key) in choices else choices[0]
+                if defaults.get(key) not in choices:
+                    raise SensqError(f"search space {self.source}: the default {key}={defaults.get(key)!r} is not among "
+                                     f"its choices {choices}", f"add {defaults.get(key)!r} to the choices of {key}")
+                params[key] = defaults[key]
+        for key, spec in self.params.items():
+            if spec.get("type") == "percentile" and all(params.get(k) == v for k, v in (spec.get("when") or {}).items()):
+                params["percentile_tail"] = 100.0 - float(defaults.get("percentile", 99.99))
         return params
+
+    def toggled(self, ranked_groups: list[str]) -> list[str]:
+        """The groups this space toggles: the top_k of the ranking."""
+        spec = next((s for s in self.params.values() if s.get("type") == "group_toggles"), None)
+        return list(ranked_groups[: int(spec.get("top_k", 12))]) if spec else []
+
+    def plan(self, ws, groups: dict[str, list[str]], choice: dict):
+        """Sampled knobs -> precision plan (float groups added to the base plan's float regions)."""
+        float_nodes = [n for g in choice["float_groups"] for n in groups[g]]
+        overrides = dict(ws.base_plan.tensor_overrides)
+        for g, method in choice.get("group_methods", {}).items():
+            for n in groups[g]:
+                for t in ws.graph.nodes[n].output:
+                    overrides[t] = {"method": method}
+        changes = {k: choice[k] for k in PLAN_FIELDS if k in choice}
+        if "percentile" in choice:
+            changes["percentile"] = choice["percentile"]
+        plan = ws.base_plan.with_float(float_nodes, tensor_overrides=overrides, **changes)
+        plan.notes = list(ws.base_plan.notes) + ([f"float groups: {', '.join(choice['float_groups'])}"]
+                                                 if choice["float_groups"] else [])
+        return plan
 
 
 def validate(space: dict, source: str) -> SearchSpace:

@@ -28,23 +28,31 @@ def data_roots() -> list[Path]:
     return roots
 
 
-def default_data(kind: str) -> tuple[Path, Path]:
-    """(calibration folder, evaluation data) for 'detection' or 'classification'."""
+def default_data(kind: str) -> tuple[Path | None, Path]:
+    """(calibration folder, evaluation data) for 'detection' or 'classification'.
+
+    Detection: train2017 calibrates; None when there is none (sensq.defaults then splits val2017, never calibrating
+    on the images it scores). Classification: the image folder of an ImageNet-style layout (imagenet/images/ when
+    it exists: the label file lives one level up)."""
     for root in data_roots():
         if kind == "detection":
             coco = root / "coco"
             if (coco / "annotations").is_dir() and (coco / "val2017").is_dir():
-                calib = coco / "train2017" if (coco / "train2017").is_dir() else coco / "val2017"
-                return calib, coco
+                return (coco / "train2017" if (coco / "train2017").is_dir() else None), coco
         else:
             imnet = root / "imagenet"
             if imnet.is_dir():
-                return imnet, imnet
+                return (imnet / "images" if (imnet / "images").is_dir() else imnet), imnet
     where = ", ".join(str(r) for r in data_roots())
     if kind == "detection":
         raise SensqError(f"no COCO data found (looked in {where})",
                          "pass --calib and --data, set SENSQ_DATA, or run `python -c \"from sensq.datasets import download_coco_val; download_coco_val('datasets/coco')\"`")
     raise SensqError(f"no ImageNet-style data found (looked in {where})", "pass --calib <images> and --data <folder> --labels <file>")
+
+
+def calibration_list_dir() -> Path:
+    """Where sensq writes calibration list files it derives (e.g. a split of val2017)."""
+    return Path(os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq")) / "calib_lists"
 
 
 def _download(url: str, dest: Path) -> Path:

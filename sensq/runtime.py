@@ -24,8 +24,9 @@ def session_options(threads: int | None = None, spinning: bool = False) -> ort.S
 
 
 def make_session(model, threads: int | None = None, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """Session on the CPU provider from a path, a ModelProto or serialized bytes."""
-    if isinstance(model, ort.InferenceSession):
+    """Session on the CPU provider from a path, a ModelProto or serialized bytes; sessions (and objects with the
+    session interface, e.g. a lazily created or an OpenVINO-backed one) are returned as they are."""
+    if isinstance(model, ort.InferenceSession) or (hasattr(model, "run") and hasattr(model, "get_inputs")):
         return model
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()

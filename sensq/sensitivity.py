@@ -1,9 +1,13 @@
-"""Layer groups and leave-one-out sensitivity: which group, kept float, recovers the most task accuracy.
+"""Which layer group, kept float, recovers the most task accuracy: a cheap proxy for every group, the task metric for
+as many as a time budget allows.
 
-Groups are module prefixes of node names ('/model.24/m.0/Conv' -> 'model.24' at depth 1) or single nodes. Any
-split is executable: ONNX Runtime runs a QDQ graph with any set of float nodes (a float node reads dequantized
-values), so grouping only decides what the search toggles together; grouping by module keeps a Conv with its
-activation, which is also where the runtime fuses them.
+1. Proxy, every group: that group alone quantized (the rest float), SNR = ||q - f||^2 / ||f||^2 at the quantized
+   region's outputs (the tensors the float head reads, else the model outputs) on a few calibration samples.
+2. Task metric, the groups the proxy ranks worst first, while `budget_seconds` allows: the default INT8 model with
+   that group float, scored on the given samples (leave-one-out). Every such model is a plan the search can start
+   from; its per-sample results stay in the scorer's store.
+3. Ranking: metric-scored groups by their gain over all-INT8 (ties by proxy), then proxy-only groups by proxy.
+   Spearman's rho between the two rankings over the metric-scored groups tells how far the proxy can be trusted.
 """
 from __future__ import annotations
 
@@ -11,15 +15,18 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from .targets import get_target
 
 log = logging.getLogger("sensq")
+
+DEFAULT_BUDGET_SECONDS = 120.0
 
 
 def quantizable_groups(ws, depth: int = 1, by: str = "auto") -> dict[str, list[str]]:
@@ -38,67 +45,158 @@ def evaluator_signature(evaluator) -> str:
     return sig() if callable(sig) else f"{getattr(evaluator, 'name', type(evaluator).__name__)}:{len(evaluator)}:{evaluator.primary}"
 
 
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN with fewer than 3 pairs or a constant side."""
+    a, b = pd.Series(np.asarray(a, np.float64)), pd.Series(np.asarray(b, np.float64))
+    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
+        return float("nan")
+    return float(np.corrcoef(a.rank().to_numpy(), b.rank().to_numpy())[0, 1])
+
+
 @dataclass
 class SensitivityResult:
-    table: pd.DataFrame  # group, metric, delta, output_snr, n_nodes
+    # group, n_nodes, proxy_snr, proxy_sqnr_db, metric, delta, scored_by ("metric" | "proxy"), model_hash
+    table: pd.DataFrame
     metric_name: str
     int8_metric: float
     fp32_metric: float
-    limit: int | None
+    n_samples: int  # samples each metric score is computed on
     seconds: float
+    budget_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ranked(self) -> pd.DataFrame:
+        """The table, most sensitive first, with a 0-based `rank` column (the one ranking rule of sensq)."""
+        t = self.table.copy()
+        t["_scored"] = (t["scored_by"] == "metric").astype(int)
+        t["_delta"] = t["delta"].fillna(-np.inf)
+        t = t.sort_values(["_scored", "_delta", "proxy_snr"], ascending=[False, False, False], kind="mergesort")
+        t = t.drop(columns=["_scored", "_delta"]).reset_index(drop=True)
+        t.insert(0, "rank", np.arange(len(t)))
+        return t
 
     @property
     def ranked_groups(self) -> list[str]:
-        """Most sensitive first: by task metric with the group float, ties (common for top-1 on a few hundred
-        images) broken by the output SNR of the model with this group float: a lower SNR means the group's
-        quantization did more damage, so floating it helps more."""
-        order = self.table.assign(_snr=self.table.get("output_snr", 0.0))
-        return list(order.sort_values(["metric", "_snr"], ascending=[False, True], kind="mergesort")["group"])
+        return list(self.ranked["group"])
+
+    @property
+    def proxy_agreement(self) -> float:
+        """Spearman's rho between proxy SNR and metric gain over the groups scored by both."""
+        scored = self.table[self.table["scored_by"] == "metric"]
+        return spearman(scored["proxy_snr"], scored["delta"])
 
     def to_json(self) -> dict:
         return {"metric_name": self.metric_name, "int8_metric": self.int8_metric, "fp32_metric": self.fp32_metric,
-                "limit": self.limit, "seconds": self.seconds, "rows": self.table.to_dict(orient="records")}
+                "n_samples": self.n_samples, "seconds": self.seconds, "budget_seconds": self.budget_seconds,
+                "notes": self.notes, "rows": self.table.replace({np.nan: None}).to_dict(orient="records")}
 
     @classmethod
     def from_json(cls, d: dict) -> "SensitivityResult":
-        return cls(pd.DataFrame(d["rows"]), d["metric_name"], d["int8_metric"], d["fp32_metric"], d["limit"], d["seconds"])
+        table = pd.DataFrame(d["rows"]).astype({"metric": float, "delta": float, "proxy_snr": float})
+        return cls(table, d["metric_name"], d["int8_metric"], d["fp32_metric"], d["n_samples"], d["seconds"],
+                   d.get("budget_seconds"), d.get("notes", []))
 
 
-def sensitivity_key(ws, evaluator, limit, depth, by) -> str:
-    raw = json.dumps([ws.stats.key, ws.base_plan.key(), evaluator_signature(evaluator), limit, depth, by], default=str)
+def region_outputs(ws) -> list[str]:
+    """Tensors where the quantized region ends: read by the base plan's float nodes (e.g. a detector's decode) or
+    model outputs produced outside it. Errors there are not swamped by a float head's box pixel coordinates."""
+    floating = set(ws.base_plan.float_nodes)
+    graph = ws.builder.model.graph
+    producer = {o: n.name for n in graph.node for o in n.output}
+    outs = []
+    for node in graph.node:
+        if node.name in floating:
+            outs += [x for x in node.input if x in producer and producer[x] not in floating]
+    outs += [o.name for o in graph.output if producer.get(o.name) not in floating]
+    return list(dict.fromkeys(outs))
+
+
+class _ProxyProbe:
+    """Float reference activations at the region outputs, computed once; SNR of a quantized model against them."""
+
+    def __init__(self, ws, n_samples: int):
+        from .runtime import make_session
+        from .statistics import augmented_model
+
+        self.tensors = region_outputs(ws)
+        self.feeds = ws.samples(n_samples)
+        sess = make_session(augmented_model(ws.builder.model, self.tensors))
+        self.reference = [sess.run(self.tensors, f) for f in self.feeds]
+
+    def snr(self, qmodel) -> float:
+        from .evaluators.layer_error import ErrorAccumulator
+        from .runtime import make_session
+        from .statistics import augmented_model
+
+        sess = make_session(augmented_model(qmodel, self.tensors))
+        acc = ErrorAccumulator()
+        for feed, ref in zip(self.feeds, self.reference):
+            for q, f in zip(sess.run(self.tensors, feed), ref):
+                acc.add(q, f)
+        return float(acc.row()["SNR"])
+
+
+def sensitivity_key(ws, evaluator, indices, depth, by, budget_seconds, proxy_samples) -> str:
+    idx = hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:12]
+    raw = json.dumps([ws.stats.key, ws.base_plan.key(), evaluator_signature(evaluator), idx, depth, by,
+                      budget_seconds, proxy_samples, 2], default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def run_sensitivity(ws, evaluator, limit: int | None = None, depth: int = 1, by: str = "group", progress: bool = True,
-                    cache: Path | None = None, proxy_samples: int = 8) -> SensitivityResult:
-    """Leave-one-out: the default INT8 model with one group float, scored by the task metric and by output SNR."""
-    from .evaluators.layer_error import output_errors
-    from .runtime import make_session
+def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto", progress: bool = True,
+                    cache: Path | None = None, proxy_samples: int = 8, budget_seconds: float | None = DEFAULT_BUDGET_SECONDS,
+                    scorer=None, limit: int | None = None) -> SensitivityResult:
+    """Proxy for every group, leave-one-out task metric for the proxy's worst groups within `budget_seconds`
+    (None: all groups). Scores use `indices` of the evaluation set (default: the first `limit`, else all)."""
+    from .evaluators.scoring import SampleStore, Scorer, model_hash
+    from .quantize import cache_dir
 
-    key = sensitivity_key(ws, evaluator, limit, depth, by)
+    n_all = len(evaluator)
+    indices = np.arange(min(limit or n_all, n_all)) if indices is None else np.asarray(indices, np.int64)
+    key = sensitivity_key(ws, evaluator, indices, depth, by, budget_seconds, proxy_samples)
     cache_file = cache / f"sensitivity-{key}.json" if cache else None
     if cache_file and cache_file.is_file():
         log.info("sensitivity from cache %s", cache_file)
         return SensitivityResult.from_json(json.loads(cache_file.read_text()))
+    if scorer is None:
+        scorer = Scorer(evaluator, SampleStore(cache_dir(ws.cfg) / "samples", evaluator), np.arange(n_all))
     t0 = time.perf_counter()
     groups = quantizable_groups(ws, depth, by)
-    fp32 = evaluator.evaluate(ws.model, limit=limit, progress=False)
-    int8 = evaluator.evaluate(ws.build(), limit=limit, progress=False)
-    feeds = ws.samples(proxy_samples)
-    fsess = make_session(ws.model)
-    out_names = [o.name for o in fsess.get_outputs()]
-    float_out = [fsess.run(out_names, f) for f in feeds]
-    rows = []
-    bar = tqdm(groups.items(), desc="sensitivity", unit="group", disable=not progress)
-    for g, nodes in bar:
-        qmodel = ws.build(ws.base_plan.with_float(nodes))
-        res = evaluator.evaluate(qmodel, limit=limit, progress=False)
-        qsess = make_session(qmodel)
-        snr = output_errors(float_out, [qsess.run(out_names, f) for f in feeds])["Output SNR"]
-        rows.append({"group": g, "metric": res.value, "delta": res.value - int8.value, "output_snr": snr, "n_nodes": len(nodes)})
-        bar.set_postfix_str(f"{g}: {res.value:.4f}")
-    table = pd.DataFrame(rows)
-    result = SensitivityResult(table, int8.primary, int8.value, fp32.value, limit, time.perf_counter() - t0)
+    fp32 = scorer.score(ws.model, model_hash(ws.model), indices)
+    int8_model = ws.build()
+    int8 = scorer.score(int8_model, model_hash(int8_model), indices)
+    int8_value = int8.value(indices)
+
+    probe = _ProxyProbe(ws, proxy_samples)
+    quantizable = {n for nodes in groups.values() for n in nodes}
+    rows = {}
+    for g, nodes in tqdm(groups.items(), desc="sensitivity: proxy", unit="group", disable=not progress, leave=False):
+        isolated = ws.build(ws.base_plan.with_float(quantizable - set(nodes)))  # only this group quantized
+        snr = probe.snr(isolated)
+        rows[g] = {"group": g, "n_nodes": len(nodes), "proxy_snr": snr,
+                   "proxy_sqnr_db": float(-10 * np.log10(snr)) if snr > 0 else float("inf"),
+                   "metric": np.nan, "delta": np.nan, "scored_by": "proxy", "model_hash": None}
+    by_proxy = sorted(rows, key=lambda g: -rows[g]["proxy_snr"])
+    spent, costs = time.perf_counter() - t0, []
+    bar = tqdm(by_proxy, desc="sensitivity: metric", unit="group", disable=not progress, leave=False)
+    for g in bar:
+        if budget_seconds is not None and costs and spent + float(np.mean(costs)) > budget_seconds:
+            break
+        t = time.perf_counter()
+        model = ws.build(ws.base_plan.with_float(groups[g]))
+        h = model_hash(model)
+        value = scorer.score(model, h, indices).value(indices)
+        rows[g].update(metric=value, delta=value - int8_value, scored_by="metric", model_hash=h)
+        costs.append(time.perf_counter() - t)
+        spent = time.perf_counter() - t0
+        bar.set_postfix_str(f"{g}: {value:.4f}")
+    n_metric = sum(r["scored_by"] == "metric" for r in rows.values())
+    notes = [f"{n_metric} of {len(rows)} groups scored by the task metric, the rest by the proxy only"
+             + (f" (budget {budget_seconds:.0f} s)" if budget_seconds is not None and n_metric < len(rows) else "")]
+    result = SensitivityResult(pd.DataFrame(list(rows.values())), int8.primary or getattr(evaluator, "primary", "metric"),
+                               int8_value, fp32.value(indices), len(indices), time.perf_counter() - t0, budget_seconds,
+                               notes)
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(result.to_json(), indent=1, default=float))
@@ -108,12 +206,12 @@ def run_sensitivity(ws, evaluator, limit: int | None = None, depth: int = 1, by:
 def write_report(result: SensitivityResult, out_dir: Path, top_k: int = 10) -> dict[str, Path]:
     from .reports.sensitivity_report import write_sensitivity_report
 
-    return write_sensitivity_report(result.table, out_dir, result.metric_name, result.int8_metric, result.fp32_metric, top_k)
+    return write_sensitivity_report(result, out_dir, top_k)
 
 
 def summary(result: SensitivityResult, top_k: int = 10) -> str:
     from .reports.sensitivity_report import format_topk
 
     head = (f"Sensitive summary ({result.metric_name}; FP32 {result.fp32_metric:.4f}, all-INT8 {result.int8_metric:.4f}"
-            f"{'' if result.limit is None else f', first {result.limit} samples'}):")
-    return head + "\n" + format_topk(result.table, top_k, result.metric_name, result.int8_metric)
+            f" on {result.n_samples} samples; {result.notes[0] if result.notes else ''}):")
+    return head + "\n" + format_topk(result, top_k)

@@ -8,14 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sensq.cli import build_config, build_parser, main
+from sensq.cli import main
+from sensq.defaults import build_config
 from sensq.config import InputParams, QuantizeConfig
 from sensq.quantize import prepare
 from sensq.runtime import make_session
 from sensq.sensitivity import quantizable_groups, run_sensitivity, summary, write_report
 from sensq.targets import get_target
 
-from test_search import PNG_SIGNATURE, make_tiny, restore_sensq_logger  # noqa: F401 (autouse)
+from search_helpers import PNG_SIGNATURE, make_tiny
+from test_search import restore_sensq_logger  # noqa: F401 (autouse)
 
 TOP_LINE = re.compile(r"^Top(\d+): float (\S+) → neg_mse (-?\d+\.\d{4}) \(([+-]\d+\.\d{4}) vs all-INT8\)$")
 
@@ -75,77 +77,93 @@ def test_yolov5n_depth2_splits_groups(yolo_ws):
 
 
 # ------------------------------------------------------------------------------------------------ leave-one-out
-def test_run_sensitivity_rows_and_deltas(tiny, tiny_ws, tmp_path):
+def test_run_sensitivity_rows_deltas_and_proxy(tiny, tiny_ws, tmp_path):
     ws, ev = tiny_ws, tiny.evaluator()
-    res = run_sensitivity(ws, ev, limit=8, progress=False, cache=tmp_path / "cache")
-    groups = quantizable_groups(ws)
+    res = run_sensitivity(ws, ev, limit=8, by="node", progress=False, cache=tmp_path / "cache", budget_seconds=None)
+    groups = quantizable_groups(ws, by="node")
     assert list(res.table["group"]) == list(groups) == ["conv1", "relu", "conv2"]
-    assert res.metric_name == "neg_mse" and res.limit == 8
-    assert res.int8_metric == ev.evaluate(ws.build(), limit=8).value
-    assert res.fp32_metric == ev.evaluate(ws.model, limit=8).value
+    assert res.metric_name == "neg_mse" and res.n_samples == 8 and set(res.table["scored_by"]) == {"metric"}
+    int8 = ev.evaluate(ws.build(), limit=8).value
+    assert res.int8_metric == pytest.approx(int8) and res.fp32_metric == pytest.approx(ev.evaluate(ws.model, limit=8).value)
     for _, row in res.table.iterrows():
-        assert row["delta"] == row["metric"] - res.int8_metric
-        assert row["n_nodes"] == len(groups[row["group"]])
         qmodel = ws.build(ws.base_plan.with_float(groups[row["group"]]))
-        assert row["metric"] == ev.evaluate(qmodel, limit=8).value
-    # the proxy column: output SNR over the first 8 calibration samples, by hand for conv2
+        assert row["metric"] == pytest.approx(ev.evaluate(qmodel, limit=8).value)
+        assert row["delta"] == pytest.approx(row["metric"] - int8) and row["n_nodes"] == len(groups[row["group"]])
+    # the proxy, by hand for conv2: only conv2 quantized, SNR at the model output over 8 calibration samples
     feeds = ws.samples(8)
     f = np.concatenate([make_session(ws.model).run(None, x)[0].ravel() for x in feeds]).astype(np.float64)
-    qsess = make_session(ws.build(ws.base_plan.with_float(groups["conv2"])))
+    others = [n for g, nodes in groups.items() if g != "conv2" for n in nodes]
+    qsess = make_session(ws.build(ws.base_plan.with_float(others)))
     q = np.concatenate([qsess.run(None, x)[0].ravel() for x in feeds]).astype(np.float64)
     snr = float(np.sum((q - f) ** 2) / np.sum(f ** 2))
-    got = float(res.table.loc[res.table["group"] == "conv2", "output_snr"].iloc[0])
-    assert abs(got - snr) <= 1e-6 * snr
-    # ranked by metric, best first; keeping the best group float recovers accuracy
-    assert res.ranked_groups == list(res.table.sort_values("metric", ascending=False, kind="mergesort")["group"])
+    got = float(res.table.loc[res.table["group"] == "conv2", "proxy_snr"].iloc[0])
+    assert got == pytest.approx(snr, rel=1e-5)
+    # ranked by metric gain, best first; keeping the best group float recovers accuracy
+    assert res.ranked_groups == list(res.table.sort_values("delta", ascending=False, kind="mergesort")["group"])
     assert res.table.set_index("group").loc[res.ranked_groups[0], "delta"] > 0
+
+
+def test_budget_bounds_metric_runs_and_proxy_ranks_the_rest(tiny, tiny_ws, tmp_path):
+    ws, ev = tiny_ws, tiny.evaluator()
+    res = run_sensitivity(ws, ev, limit=8, by="node", progress=False, budget_seconds=0.0)
+    scored = res.table[res.table["scored_by"] == "metric"]
+    assert len(scored) == 1  # the group the proxy ranks worst gets the metric; the budget is then spent
+    assert scored["group"].iloc[0] == res.table.sort_values("proxy_snr", ascending=False)["group"].iloc[0]
+    ranked = res.ranked
+    assert ranked["group"].iloc[0] == scored["group"].iloc[0]
+    rest = ranked[ranked["scored_by"] == "proxy"]
+    assert list(rest["proxy_snr"]) == sorted(rest["proxy_snr"], reverse=True) and rest["metric"].isna().all()
+    assert res.notes[0].startswith("1 of 3 groups scored by the task metric")
+    assert "not scored by neg_mse" in summary(res, 3)
+
+
+def test_spearman_by_hand():
+    from sensq.sensitivity import spearman
+
+    # ranks (1, 2, 3, 4) vs (2, 1, 4, 3): rho = 1 - 6 * sum d^2 / (n (n^2 - 1)) = 1 - 6 * 4 / 60 = 0.6
+    assert spearman([0.1, 0.2, 0.3, 0.4], [5.0, 1.0, 9.0, 7.0]) == pytest.approx(0.6)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 2], [1, 2]))
 
 
 def test_sensitivity_cache_hit_does_no_evaluation(tiny, tiny_ws, tmp_path):
     ws, ev = tiny_ws, tiny.evaluator()
     cache = tmp_path / "cache"
-    first = run_sensitivity(ws, ev, limit=8, progress=False, cache=cache)
-    assert ev.calls == 2 + 3  # FP32, all-INT8 and one per group
+    first = run_sensitivity(ws, ev, limit=8, by="node", progress=False, cache=cache)
     assert len(list(cache.glob("sensitivity-*.json"))) == 1
-    again = run_sensitivity(ws, ev, limit=8, progress=False, cache=cache)
-    assert ev.calls == 5, "the cached result was re-evaluated"
+    calls = ev.calls
+    again = run_sensitivity(ws, ev, limit=8, by="node", progress=False, cache=cache)
+    assert ev.calls == calls, "the cached result was re-evaluated"
     pd.testing.assert_frame_equal(again.table, first.table)
-    assert (again.int8_metric, again.fp32_metric, again.metric_name, again.limit) == \
-           (first.int8_metric, first.fp32_metric, first.metric_name, first.limit)
-    # another sample limit is another result
-    run_sensitivity(ws, ev, limit=4, progress=False, cache=cache)
-    assert ev.calls == 10
+    assert (again.int8_metric, again.fp32_metric, again.metric_name, again.n_samples) == \
+           (first.int8_metric, first.fp32_metric, first.metric_name, first.n_samples)
+    run_sensitivity(ws, ev, limit=4, by="node", progress=False, cache=cache)  # other samples: another result
     assert len(list(cache.glob("sensitivity-*.json"))) == 2
-    # no cache dir: always evaluated
-    run_sensitivity(ws, ev, limit=8, progress=False)
-    assert ev.calls == 15
 
 
 def test_summary_lines(tiny, tiny_ws, tmp_path):
-    res = run_sensitivity(tiny_ws, tiny.evaluator(), limit=16, progress=False, cache=tmp_path / "c")
-    text = summary(res, 10)
-    head, *lines = text.splitlines()
-    assert head == (f"Sensitive summary (neg_mse; FP32 {res.fp32_metric:.4f}, all-INT8 {res.int8_metric:.4f}, "
-                    f"first 16 samples):")
+    res = run_sensitivity(tiny_ws, tiny.evaluator(), limit=16, by="node", progress=False, cache=tmp_path / "c")
+    head, *lines = summary(res, 10).splitlines()
+    assert head.startswith(f"Sensitive summary (neg_mse; FP32 {res.fp32_metric:.4f}, all-INT8 {res.int8_metric:.4f} on 16 samples")
     assert len(lines) == 3
     by_group = res.table.set_index("group")
-    ranked = res.ranked_groups
     for i, line in enumerate(lines):
         m = TOP_LINE.match(line)
         assert m, line
-        assert int(m.group(1)) == i and m.group(2) == ranked[i]
-        assert m.group(3) == f"{by_group.loc[ranked[i], 'metric']:.4f}"
-        assert m.group(4) == f"{by_group.loc[ranked[i], 'delta']:+.4f}"
-    assert "(+0.0" in lines[0]  # the top group improves on all-INT8
+        g = res.ranked_groups[i]
+        assert int(m.group(1)) == i and m.group(2) == g
+        assert m.group(3) == f"{by_group.loc[g, 'metric']:.4f}" and m.group(4) == f"{by_group.loc[g, 'delta']:+.4f}"
     assert len(summary(res, 1).splitlines()) == 2
     paths = write_report(res, tmp_path / "rep")
     assert sorted(p.name for p in paths.values()) == ["sensitivity.csv", "sensitivity.md", "sensitivity.png"]
+    md = (tmp_path / "rep" / "sensitivity.md").read_text()
+    assert "Spearman" in md and "scored by" in md
 
 
 def test_cli_sensitivity_writes_reports(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["sensitivity", *tiny.model_args(), "--data", str(tiny.data), "--task", tiny.task, "--limit", "8",
-            "-o", str(out), "-q"]
+            "--unit", "node", "-o", str(out), "-q"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     for name in ("sensitivity.csv", "sensitivity.md", "sensitivity.png"):
@@ -153,17 +171,13 @@ def test_cli_sensitivity_writes_reports(tiny, tmp_path, capsys):
         assert f"{out / name}" in printed
     assert (out / "sensitivity.png").read_bytes()[:8] == PNG_SIGNATURE
     csv = pd.read_csv(out / "sensitivity.csv")
-    assert sorted(csv["group"]) == ["conv1", "conv2", "relu"]
-    assert list(csv["rank"]) == [0, 1, 2]
-    assert list(csv["metric"]) == sorted(csv["metric"], reverse=True)
+    assert sorted(csv["group"]) == ["conv1", "conv2", "relu"] and list(csv["rank"]) == [0, 1, 2]
+    assert list(csv["delta"]) == sorted(csv["delta"], reverse=True)
     top = [line for line in printed.splitlines() if TOP_LINE.match(line)]
     assert len(top) == 3 and TOP_LINE.match(top[0]).group(2) == csv["group"][0]
-    md = (out / "sensitivity.md").read_text(encoding="utf-8")
-    assert "neg_mse" in md and all(g in md for g in csv["group"])
     # the CSV's delta column is metric - all-INT8 (all-INT8 from the evaluator on the same 8 samples)
-    ws = prepare(build_config(build_parser().parse_args(args)), progress=False)
-    int8 = tiny.evaluator().evaluate(ws.build(), limit=8).value
+    cfg = build_config(model=str(tiny.model), calib=[str(tiny.calib)], mean=[0.0] * 3, std=[255.0] * 3, color="rgb")
+    int8 = tiny.evaluator().evaluate(prepare(cfg, progress=False).build(), limit=8).value
     assert np.allclose(csv["delta"], csv["metric"] - int8, rtol=0, atol=1e-12)
-    # rerun: from the cache in <out>/cache, same table
-    assert main(args) == 0
+    assert main(args) == 0  # rerun: from the cache in <out>/cache, same table
     pd.testing.assert_frame_equal(pd.read_csv(out / "sensitivity.csv"), csv)

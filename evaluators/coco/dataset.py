@@ -132,8 +132,10 @@ def _find_image_dir(data: Path | None, ann: Path) -> Path:
 
 
 def load_coco(data: str | Path | None = None, annotations: str | Path | None = None,
-              images: str | Path | None = None) -> DetectionSet:
-    """A COCO-layout dataset: `data` folder (annotations/instances_<split>.json + <split>/) or explicit paths."""
+              images: str | Path | None = None, exclude=None) -> DetectionSet:
+    """A COCO-layout dataset: `data` folder (annotations/instances_<split>.json + <split>/) or explicit paths.
+
+    exclude: image file names (or a list file of them) left out, e.g. the images a model was calibrated on."""
     data = Path(data) if data is not None else None
     if data is not None and not data.is_dir():
         raise SensqError(f"data folder not found: {data}", "pass the folder holding annotations/ and the image folder")
@@ -154,6 +156,12 @@ def load_coco(data: str | Path | None = None, annotations: str | Path | None = N
         raise SensqError(f"cannot parse {ann}: {str(e)[:200]}", "pass a valid COCO instances JSON file") from e
     gt = GroundTruth(dataset)
     records = sorted(dataset["images"], key=lambda r: int(r["id"]))
+    if exclude is not None:
+        names = _names(exclude)
+        records = [r for r in records if Path(r["file_name"]).name not in names]
+        kept = {int(r["id"]) for r in records}
+        dataset = {**dataset, "images": records, "annotations": [a for a in dataset["annotations"] if a["image_id"] in kept]}
+        gt = GroundTruth(dataset)
     if not records:
         raise SensqError(f"{ann} lists no images", "use an annotation file with an 'images' list")
     files = [img_dir / r["file_name"] for r in records]
@@ -161,7 +169,14 @@ def load_coco(data: str | Path | None = None, annotations: str | Path | None = N
     if missing:
         raise SensqError(f"{len(missing)} of {len(files)} images listed in {ann.name} are missing, e.g. {missing[0]}",
                          "pass images=FOLDER holding the files named in the annotations' file_name")
-    return DetectionSet(files, [int(r["id"]) for r in records], gt, False, f"coco:{ann}")
+    source = f"coco:{ann}" + (f":excluding {len(names)} images" if exclude is not None else "")
+    return DetectionSet(files, [int(r["id"]) for r in records], gt, False, source)
+
+
+def _names(exclude) -> set[str]:
+    if isinstance(exclude, (str, Path)) and Path(exclude).is_file():
+        exclude = [line.strip() for line in Path(exclude).read_text().splitlines() if line.strip()]
+    return {Path(str(e)).name for e in exclude}
 
 
 def _image_size(path: Path) -> tuple[int, int]:

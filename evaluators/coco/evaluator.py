@@ -140,8 +140,8 @@ class DetectionEvaluator:
                                  "imgsz": list(hw), "metric_backend": self.metric})
 
 
-def make_coco_evaluator(data=None, annotations=None, images=None, **options) -> DetectionEvaluator:
-    return DetectionEvaluator(load_coco(data, annotations, images), **options)
+def make_coco_evaluator(data=None, annotations=None, images=None, exclude=None, **options) -> DetectionEvaluator:
+    return DetectionEvaluator(load_coco(data, annotations, images, exclude), **options)
 
 
 def make_yolo_evaluator(data, split: str = "val", **options) -> DetectionEvaluator:

@@ -1,0 +1,51 @@
+"""Sound multi-fidelity: stop a trial after the low-fidelity subset only when the paired per-sample evidence says it
+cannot reach the front.
+
+A trial is stopped when some finished trial (a) cannot be slower than it — its float nodes are a subset of the
+trial's and it has the same weight/activation layout, so its QDQ graph runs a subset of the trial's float work —
+and (b) scores better on the same low-fidelity samples with the upper bound of the paired 95 % bootstrap interval
+of (trial - other) below zero. Then the other trial dominates it with evidence, and the front cannot gain it.
+Latency is judged by structure, not by measurement, so the decision is reproducible (no timing noise in it).
+The benchmark (bench/bench_search.py) evaluates every stopped trial in full afterwards and counts false prunes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+MAX_TESTS = 3  # bootstrap tests per decision: the most negative point differences first
+
+
+@dataclass
+class PruneDecision:
+    by: int  # trial number of the dominating trial
+    diff: float  # trial - dominating trial on the low-fidelity samples
+    lo: float
+    hi: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def no_slower(a: dict, b: dict) -> bool:
+    """Plan `a` cannot be slower than plan `b`: a subset of b's float nodes, same per-channel/activation/target."""
+    same = all(a.get(k) == b.get(k) for k in ("per_channel", "activation_type", "target"))
+    return same and set(a["float_nodes"]) <= set(b["float_nodes"])
+
+
+def prune_decision(plan: dict, samples, candidates, boot) -> PruneDecision | None:
+    """candidates: (trial number, plan dict, per-sample results) of finished trials; boot: a PairedBootstrap over
+    the low-fidelity samples."""
+    idx = boot.indices
+    mine = samples.value(idx)
+    diffs = []
+    for number, other_plan, other in candidates:
+        if no_slower(other_plan, plan):
+            d = mine - other.value(idx)
+            if d < 0:
+                diffs.append((d, number, other))
+    for d, number, other in sorted(diffs, key=lambda x: (x[0], x[1]))[:MAX_TESTS]:
+        iv = boot.difference(samples, other)
+        if iv.hi < 0:
+            return PruneDecision(number, iv.value, iv.lo, iv.hi, len(idx))
+    return None

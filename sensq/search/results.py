@@ -1,0 +1,174 @@
+"""What a search reports: every full trial and FP32 as a point with its provenance; the front on (latency ratio to
+FP32, metric on the search split); intervals (paired BCa bootstrap over samples) for the front, FP32 and all-INT8
+on the search split and, when held out, on the confirm split; the recommended point; the hypervolume.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..evaluators.samples import PairedBootstrap
+from .pareto import front_indices, hypervolume
+from .records import TrialRecord
+
+HV_METRIC_MARGIN = 0.03  # hypervolume reference point: (1.0 x FP32 latency, FP32 metric - 0.03), documented in docs
+
+
+def full_records(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Trials scored on the whole search split with a latency, one per plan (the first)."""
+    seen, out = set(), []
+    for r in recs:
+        if r.full and r.plan_key not in seen:
+            seen.add(r.plan_key)
+            out.append(r)
+    return out
+
+
+def front_records(recs: list[TrialRecord]) -> list[TrialRecord]:
+    full = full_records(recs)
+    idx = front_indices([r.metric for r in full], [r.ratio for r in full], [r.number for r in full])
+    return [full[i] for i in idx]
+
+
+def _row(rec: TrialRecord) -> dict:
+    lat = rec.latency or {}
+    p = rec.plan
+    return {"trial": rec.number, "label": rec.label, "source": rec.source, "float_groups": rec.float_groups,
+            "n_float_nodes": len(p["float_nodes"]), "method": p["method"],
+            "percentile": p["percentile"] if p["method"] == "percentile" else None, "per_channel": p["per_channel"],
+            "overflow_fix": p["overflow_fix"], "metric": rec.metric, "ratio": lat.get("ratio"),
+            "ratio_lo": (lat.get("ratio_ci") or [None, None])[0], "ratio_hi": (lat.get("ratio_ci") or [None, None])[1],
+            "latency_value": lat.get("value"), "latency_iqr": lat.get("value_iqr"), "latency_unit": lat.get("unit"),
+            "fp32_value_same_rounds": lat.get("ref_value"), "latency_date": lat.get("date"),
+            "machine_id": lat.get("machine_id"), "gbops": rec.gbops, "plan_key": rec.plan_key,
+            "structure_key": rec.structure_key, "model_hash": rec.model_hash, "plan": rec.plan}
+
+
+def _fp32_row(run) -> dict:
+    lat = run.fp32_latency
+    return {"trial": -1, "label": "FP32", "source": "reference", "float_groups": ["(all)"], "n_float_nodes": None,
+            "method": "-", "percentile": None, "per_channel": None, "overflow_fix": None,
+            "metric": run.fp32.value(run.split.search), "ratio": 1.0, "ratio_lo": 1.0, "ratio_hi": 1.0,
+            "latency_value": lat.value, "latency_iqr": lat.spread, "latency_unit": lat.unit,
+            "fp32_value_same_rounds": lat.value, "latency_date": run.machine["date"],
+            "machine_id": run.machine["machine_id"], "gbops": None, "plan_key": None, "structure_key": None,
+            "model_hash": run.fp32_hash}
+
+
+def _add_intervals(rows: list[dict], run, indices, prefix: str) -> None:
+    """metric, difference to FP32 and to all-INT8 with 95 % paired intervals, over `indices`."""
+    if not run.scorer.per_sample or len(indices) == 0:
+        return
+    boot = PairedBootstrap(indices, run.settings.n_boot, run.settings.seed)
+    fp32 = run.store.get(run.fp32_hash)
+    int8 = run.store.get(run.int8_hash)
+    for row in rows:
+        samples = run.store.get(row["model_hash"])
+        if samples is None or not samples.has(indices):
+            continue
+        m = boot.metric(samples)
+        row[f"{prefix}metric"], row[f"{prefix}metric_lo"], row[f"{prefix}metric_hi"] = m.value, m.lo, m.hi
+        for name, ref in (("fp32", fp32), ("int8", int8)):
+            d = boot.difference(samples, ref)
+            row[f"{prefix}d_{name}"], row[f"{prefix}d_{name}_lo"], row[f"{prefix}d_{name}_hi"] = d.value, d.lo, d.hi
+
+
+def _neighbours(front: list[dict], run) -> list[str]:
+    """Adjacent front points that the data cannot tell apart (metric interval of the paired difference spans 0,
+    or overlapping latency-ratio intervals)."""
+    notes = []
+    if len(front) < 2:
+        return notes
+    boot = PairedBootstrap(run.split.search, run.settings.n_boot, run.settings.seed) if run.scorer.per_sample else None
+    for a, b in zip(front, front[1:]):
+        parts = []
+        sa, sb = run.store.get(a["model_hash"]), run.store.get(b["model_hash"])
+        if boot is not None and sa is not None and sb is not None:
+            d = boot.difference(sb, sa)
+            if d.lo <= 0 <= d.hi:
+                parts.append(f"{run.sens.metric_name} difference {d.value:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}] includes 0")
+        if None not in (a["ratio_hi"], b["ratio_lo"]) and b["ratio_lo"] <= a["ratio_hi"]:
+            parts.append("latency intervals overlap")
+        if parts:
+            notes.append(f"trials {a['trial']} and {b['trial']} are not distinguishable: " + "; ".join(parts))
+    return notes
+
+
+def recommend(front: list[dict], max_drop: float, key: str = "d_fp32") -> dict | None:
+    """The fastest front point (not FP32) whose difference to FP32 on the search split is >= -max_drop."""
+    ok = [r for r in front if r["trial"] >= 0 and r.get(key) is not None and r[key] >= -max_drop]
+    return min(ok, key=lambda r: r["ratio"]) if ok else None
+
+
+def build_result(run, seconds: float):
+    from ..reports.pareto_report import write_pareto_report
+    from .study import SearchResult
+
+    recs = run.records()
+    rows = [_fp32_row(run)] + [_row(r) for r in full_records(recs)]
+    idx = front_indices([r["metric"] for r in rows], [r["ratio"] for r in rows], [r["trial"] for r in rows])
+    for i, r in enumerate(rows):
+        r["on_front"] = i in idx
+    front = [rows[i] for i in idx]
+    all_int8 = next((r for r in rows if r["model_hash"] == run.int8_hash), None)
+    shown = front + [r for r in (rows[0], all_int8) if r is not None and not r["on_front"]]
+    _add_intervals(shown, run, run.split.search, "")
+    _add_intervals(shown, run, run.split.confirm, "confirm_")
+    for r in shown:
+        if r.get("confirm_metric") is not None:
+            r["optimism"] = r["metric"] - r["confirm_metric"]
+    rec = recommend(front, run.settings.max_drop)
+    for r in rows:
+        r["recommended"] = rec is not None and r["trial"] == rec["trial"]
+    summary = _summary(run, recs, rows, front, rec)
+    summary["neighbours"] = _neighbours(front, run)
+    paths = write_pareto_report(rows, front, summary, run.workdir)
+    paths["trials"] = write_trials_csv(recs, run.workdir / "trials.csv")
+    paths.update({f"sensitivity {k}": v for k, v in getattr(run, "sens_paths", {}).items()})
+    return SearchResult(recs, rows, front, rec, run.sens, paths, seconds, dict(run.stage_seconds),
+                        run.proposer.repeats, summary)
+
+
+def write_trials_csv(recs: list[TrialRecord], path) -> object:
+    """Every scored trial, one row each (pruned and warm-start entries included), for pandas."""
+    import pandas as pd
+
+    out = []
+    for r in recs:
+        lat = r.latency or {}
+        out.append({"trial": r.number, "source": r.source, "label": r.label, "fidelity": r.fidelity,
+                    "metric": r.metric, "delta_int8": r.delta_int8, "pruned": bool(r.pruned),
+                    "pruned_by": (r.pruned or {}).get("by"), "pruned_diff_hi": (r.pruned or {}).get("hi"),
+                    "ratio": lat.get("ratio"), "ratio_lo": (lat.get("ratio_ci") or [None, None])[0],
+                    "ratio_hi": (lat.get("ratio_ci") or [None, None])[1], "latency_value": lat.get("value"),
+                    "latency_unit": lat.get("unit"), "cost_proxy": r.cost_proxy, "float_groups": ";".join(r.float_groups),
+                    "method": r.plan["method"], "per_channel": r.plan["per_channel"],
+                    "overflow_fix": r.plan["overflow_fix"], "plan_key": r.plan_key, "structure_key": r.structure_key,
+                    "seconds": sum(r.seconds.values())})
+    pd.DataFrame(out).to_csv(path, index=False)
+    return path
+
+
+def _summary(run, recs, rows, front, rec) -> dict:
+    fp32_metric = rows[0]["metric"]
+    ref = (1.0, fp32_metric - HV_METRIC_MARGIN)
+    searched = [r for r in recs if r.source != "sensitivity"]
+    pruned = [r for r in searched if r.pruned]
+    full_cost = [r.seconds.get("full", 0.0) for r in searched if not r.pruned and "full" in r.seconds]
+    s = run.settings
+    return {
+        "metric_name": run.sens.metric_name, "latency_unit": run.backend.unit, "latency_backend": run.backend.spec,
+        "target": run.target.name, "machine": run.machine, "strategy": s.strategy, "budget": s.budget,
+        "distinct_plans": len({r.plan_key for r in searched}), "repeats": run.proposer.repeats,
+        "pruned": len(pruned), "saved_seconds_estimate": len(pruned) * (float(np.mean(full_cost)) if full_cost else 0.0),
+        "search_samples": len(run.split.search), "confirm_samples": len(run.split.confirm), "low_fidelity": run.split.low,
+        "hypervolume_ref": {"ratio": ref[0], "metric": ref[1]},
+        "hypervolume": hypervolume([r["metric"] for r in front], [r["ratio"] for r in front], ref[1], ref[0]),
+        "max_drop": s.max_drop, "recommended_trial": None if rec is None else rec["trial"],
+        "recommendation_rule": (f"the fastest front point whose {run.sens.metric_name} on the search split is within "
+                                f"{s.max_drop} of FP32 (point estimate); its confirm-split score is the one to expect"),
+        "stage_seconds": dict(run.stage_seconds), "fp32_ms_this_run": run.fp32_latency.value,
+        "fp32_spread_this_run": run.fp32_latency.spread, "sensitivity_notes": run.sens.notes,
+        "proxy_agreement": run.sens.proxy_agreement if math.isfinite(run.sens.proxy_agreement) else None,
+    }

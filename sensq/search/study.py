@@ -1,0 +1,302 @@
+"""The search as a staged object: reference -> sensitivity -> study -> warm start -> trials -> confirm -> report.
+
+Each stage reads what the previous ones left on the object and adds its own part; `run()` times them and always
+writes the reports, also when interrupted (finished trials live in the Optuna storage, so rerunning the same
+command resumes). A trial is data (search/records.py); the front rule lives in search/pareto.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+from tqdm import tqdm
+
+from ..errors import SensqError
+from ..evaluators.samples import PairedBootstrap
+from ..evaluators.scoring import SampleStore, Scorer, model_hash
+from ..latency import Reference, macs_per_node, machine_info, make_latency_backend, measurement_lock
+from ..plan import PrecisionPlan
+from ..quantize import cache_dir
+from ..search_spaces import load_space
+from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
+from ..targets import get_target
+from .proposals import Proposer, make_sampler
+from .records import ATTR, LatencyBook, TrialRecord, records
+from .settings import STRATEGIES, SearchSettings
+from .splits import Split, make_split
+from . import workers
+from .trials import TrialEvaluator
+
+log = logging.getLogger("sensq")
+
+
+@dataclass
+class SearchResult:
+    records: list[TrialRecord]
+    rows: list[dict]  # reported points: every full trial plus FP32, with intervals (see search/results.py)
+    front: list[dict]
+    recommended: dict | None
+    sensitivity: SensitivityResult
+    reports: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    repeats: int = 0
+    summary: dict = field(default_factory=dict)
+
+
+class SearchRun:
+    def __init__(self, ws, evaluator, settings: SearchSettings, progress: bool = True, book: LatencyBook | None = None):
+        if settings.strategy not in STRATEGIES:
+            raise SensqError(f"unknown search strategy {settings.strategy!r}", f"use one of: {', '.join(STRATEGIES)}")
+        if settings.budget < 1:
+            raise SensqError(f"budget {settings.budget} must be >= 1", "give the number of plans to evaluate, e.g. --budget 50")
+        self.ws, self.evaluator, self.settings, self.progress = ws, evaluator, settings, progress
+        self.workdir = Path(settings.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.space = load_space(settings.space)
+        if settings.top_k is not None:
+            self.space.params.setdefault("float_groups", {"type": "group_toggles"})["top_k"] = settings.top_k
+        self.groups = quantizable_groups(ws, settings.depth, settings.group_by)
+        if not self.groups:
+            raise SensqError("nothing left to search: every node is already float", "check truncate_var_names / float_nodes")
+        self.target = get_target(ws.base_plan.target, ws.base_plan.activation_type)
+        self.backend = make_latency_backend(self.target.latency_spec(settings.latency))
+        self.run_id = uuid.uuid4().hex[:8]
+        self.lock_dir = cache_dir(ws.cfg)
+        self._shared_book = book
+        self.evaluate_trial = TrialEvaluator(self)
+        self.stage_seconds: dict[str, float] = {}
+        self.proposer = Proposer(self)
+        self._hashes: dict[int, str] = {}
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def hash(self, model) -> str:
+        return model_hash(model)
+
+    def records(self) -> list[TrialRecord]:
+        return records(self.study)
+
+    def scored_plans(self) -> dict[str, int]:
+        """plan key -> trial number, for plans scored beyond a warm-start entry (those are repeats if proposed)."""
+        return {r.plan_key: r.number for r in self.records() if r.source != "sensitivity"}
+
+    def finished_candidates(self):
+        """(number, plan, per-sample results) of full trials: the possible dominators in a pruning decision."""
+        out = []
+        for r in self.records():
+            if r.full:
+                samples = self.store.get(r.model_hash)
+                if samples is not None:
+                    out.append((r.number, r.plan, samples))
+        return out
+
+    def float_mac_share(self, plan) -> float:
+        """Share of the model's MACs in float nodes: the sampler's cost for timed backends. Deterministic and ordered
+        like latency (more float work, more time), so measurement noise never changes which plans are proposed."""
+        floating = set(plan.float_nodes if hasattr(plan, "float_nodes") else plan["float_nodes"])
+        return sum(m for n, m in self.macs.items() if n in floating) / max(self.total_macs, 1)
+
+    def sampler_cost(self, rec: TrialRecord) -> float:
+        return rec.ratio if self.backend.deterministic and rec.latency else rec.cost_proxy
+
+    def defaults(self, plan: dict | None = None) -> dict:
+        p = plan or self.ws.base_plan.to_dict()
+        return {"method": p["method"], "percentile": p["percentile"], "per_channel": p["per_channel"],
+                "target": p["target"], "activation_type": p["activation_type"],
+                "overflow_fix": p["overflow_fix"] or self.target.overflow_fix}
+
+    # ---------------------------------------------------------------------------------------------- stages
+    def reference(self) -> None:
+        """Split the evaluation set; score FP32 and all-INT8 on the search part; FP32 latency in this run."""
+        s, ev = self.settings, self.evaluator
+        n = min(s.limit or len(ev), len(ev))
+        self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev)
+        self.scorer = Scorer(ev, self.store, np.arange(n))
+        if self.scorer.per_sample:
+            labels = getattr(getattr(ev, "data", None), "labels", None)
+            self.split = make_split(n, s.confirm, s.low_fidelity, s.seed, None if labels is None else labels[:n])
+        else:
+            log.warning("evaluator %s returns no per-sample results: no held-out confirmation, no intervals, no pruning",
+                        getattr(ev, "name", type(ev).__name__))
+            self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
+        self.low_boot = PairedBootstrap(self.split.low_indices, s.n_boot, s.seed)
+        self.fp32_hash = model_hash(self.ws.model)
+        self.fp32 = self.scorer.score(self.ws.model, self.fp32_hash, self.split.search)
+        int8_model = self.ws.build()
+        self.int8_hash = model_hash(int8_model)
+        self.int8 = self.scorer.score(int8_model, self.int8_hash, self.split.search)
+        self.macs = macs_per_node(self.ws.model)
+        self.total_macs = sum(self.macs.values())
+        threads = getattr(self.backend, "threads", None)
+        self.machine = machine_info(threads)
+        self.reference_timer = Reference(self.backend, self.ws.model)
+        with measurement_lock(self.lock_dir):
+            self.fp32_latency = self.backend.measure(self.ws.model)  # this run's FP32, for "measured ms (this run)"
+
+    def sensitivity(self) -> None:
+        from ..sensitivity import summary, write_report
+
+        s = self.settings
+        self.sens = run_sensitivity(self.ws, self.evaluator, indices=self.split.low_indices, depth=s.depth, by=s.group_by,
+                                    progress=self.progress, cache=self.workdir / "cache",
+                                    budget_seconds=s.sensitivity_budget, scorer=self.scorer)
+        self.ranked = [g for g in self.sens.ranked_groups if g in self.groups]
+        self.sens_paths = write_report(self.sens, self.workdir)
+        print(summary(self.sens, 10))
+
+    def open_study(self) -> None:
+        s = self.settings
+        key = s.study_key(self.ws.stats.key, self.ws.base_plan.key(), Path(self.space.source).read_text(),
+                          evaluator_signature(self.evaluator), self.split.to_dict(), self.backend.spec)
+        self.study_name = s.study_name or f"sensq-{Path(self.ws.cfg.model_path).stem}-{key}"
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        url = s.storage_url()
+        try:
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=workers.HEARTBEAT_INTERVAL,
+                                                 grace_period=workers.GRACE_PERIOD) \
+                if url.startswith(("sqlite", "postgresql", "mysql")) else url
+            n_warm = 0 if s.strategy != "tpe" else 4 + min(len(self.ranked), self.space.top_k or 0)
+            self.study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
+                                             directions=["maximize", "minimize"],
+                                             sampler=make_sampler(s.strategy, s.seed + s.worker, n_warm))
+        except Exception as e:
+            raise SensqError(f"cannot open Optuna storage {url}: {str(e).splitlines()[0][:200]}",
+                             "give a valid URL such as sqlite:///runs/study.db or postgresql://user:pw@host/db") from e
+        self.study.set_metric_names([f"gain in {self.sens.metric_name} over all-INT8", "sampler cost"])
+        workers.reclaim(self.study)  # trials left RUNNING by a killed worker are failed and retried
+        self.book = self._shared_book if self._shared_book is not None else LatencyBook(self.study)
+        if self.book.study is None:
+            self.book.study = self.study
+        self.write_search_json()
+
+    def warm_start(self) -> None:
+        """Seeds (all-INT8, top 1/2/3 groups float) and the sensitivity pass's leave-one-out plans, entered once."""
+        if self.study.user_attrs.get("seeded") or self.settings.strategy == "greedy":
+            return
+        self.study.set_user_attr("seeded", self.run_id)
+        d = self.defaults()
+        toggled = self.space.toggled(self.ranked)
+        seeds = [0] if self.settings.strategy == "random" else range(min(3, len(toggled)) + 1)
+        for n in seeds:
+            label = "all-INT8" if n == 0 else f"seed: top-{n} float"
+            self.study.enqueue_trial(self.space.seed_params(self.ranked, n, d), user_attrs={"source": "seed", "label": label})
+        if self.settings.strategy == "tpe":
+            self._add_sensitivity_trials(toggled, d)
+
+    def _add_sensitivity_trials(self, toggled: list[str], defaults: dict) -> None:
+        dists = self._distributions()
+        rows = self.sens.table.set_index("group")
+        for g in toggled:
+            row = rows.loc[g]
+            if row["scored_by"] != "metric":
+                continue
+            plan = self.ws.base_plan.with_float(self.groups[g])
+            rec = self.evaluate_trial.record(len(self.study.trials), plan, f"sensitivity: {g} float", "sensitivity", [g])
+            rec.fidelity, rec.metric, rec.delta_int8, rec.model_hash = self.split.low, float(row["metric"]), float(row["delta"]), row["model_hash"]
+            params = self.space.seed_params(self.ranked, [g], defaults)
+            trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                              values=[rec.delta_int8, rec.cost_proxy],
+                                              user_attrs={ATTR: rec.to_json(), "source": "sensitivity", "label": rec.label})
+            self.study.add_trial(trial)
+
+    def _distributions(self) -> dict:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        out = {f"float:{g}": CategoricalDistribution([False, True]) for g in self.space.toggled(self.ranked)}
+        for key, spec in self.space.params.items():
+            if spec.get("type") == "categorical":
+                out[key] = CategoricalDistribution(list(spec["choices"]))
+            elif spec.get("type") == "percentile":
+                out["percentile_tail"] = FloatDistribution(100.0 - float(spec["high"]), 100.0 - float(spec["low"]), log=True)
+        return out
+
+    def budget_used(self) -> int:
+        return len({r.plan_key for r in self.records() if r.source != "sensitivity"})
+
+    def trials(self) -> None:
+        s = self.settings
+        bar = tqdm(total=s.budget, initial=min(self.budget_used(), s.budget), desc="search", unit="plan",
+                   disable=not self.progress)
+        try:
+            while self.budget_used() < s.budget:
+                workers.reclaim(self.study)
+                proposal = self.proposer.next()
+                if proposal is None:
+                    log.warning("the search space has no unscored plan left (%d scored); stopping before the budget",
+                                self.budget_used())
+                    break
+                self._run_proposal(proposal)
+                bar.update(1)
+                bar.set_postfix_str(f"repeats {self.proposer.repeats}")
+        finally:
+            bar.close()
+
+    def _run_proposal(self, p) -> None:
+        rec = self.evaluate_trial.record(p.trial.number, p.plan, p.label, p.source, p.float_groups)
+        with workers.heartbeat(self.study, p.trial):
+            rec = self.evaluate_trial.evaluate(rec, prune=self.settings.strategy != "greedy")
+        p.trial.set_user_attr(ATTR, rec.to_json())
+        p.trial.set_user_attr("label", rec.label)
+        self.study.tell(p.trial, [rec.delta_int8, self.sampler_cost(rec)])
+        state = (f"stopped after {rec.fidelity} (worse than trial {rec.pruned['by']}: "
+                 f"{rec.pruned['diff']:+.4f} [{rec.pruned['lo']:+.4f}, {rec.pruned['hi']:+.4f}])") if rec.pruned else \
+            f"{self.sens.metric_name} {rec.metric:.4f}, {rec.ratio:.3f}x FP32"
+        log.info("trial %d (%s) %s; float=[%s] method=%s", rec.number, rec.source, state, ",".join(rec.float_groups),
+                 rec.plan["method"])
+
+    def confirm(self) -> None:
+        """Re-score FP32, all-INT8 and the front on the held-out part (nothing was selected on it)."""
+        from .results import front_records
+
+        if len(self.split.confirm) == 0:
+            return
+        targets = [(self.fp32_hash, None), (self.int8_hash, self.ws.base_plan)]
+        targets += [(r.model_hash, PrecisionPlan.from_dict(r.plan)) for r in front_records(self.records())]
+        for h, plan in tqdm(targets, desc="confirm", unit="model", disable=not self.progress, leave=False):
+            have = self.store.get(h)
+            if have is None or not have.has(self.split.confirm):
+                self.scorer.score(self.ws.model if plan is None else self.ws.build(plan), h, self.split.confirm)
+
+    def write_search_json(self) -> None:
+        s = self.settings
+        doc = {"study_name": self.study_name, "storage": s.storage_url(), "settings": s.to_dict(),
+               "quantize_config": self.ws.cfg.to_xquant(), "config_base_dir": self.ws.cfg.base_dir,
+               "cache_dir": self.ws.cfg.cache_dir, "stats_key": self.ws.stats.key,
+               "evaluator": evaluator_signature(self.evaluator), "evaluator_spec": getattr(self.evaluator, "spec", None),
+               "metric_name": self.sens.metric_name, "split": self.split.to_dict(), "groups": self.groups,
+               "ranked_groups": self.ranked, "target": self.target.name, "latency_backend": self.backend.spec,
+               "latency_unit": self.backend.unit, "machine": self.machine}
+        (self.workdir / "search.json").write_text(json.dumps(doc, indent=1, default=str))
+
+    # ---------------------------------------------------------------------------------------------- driver
+    def run(self) -> SearchResult:
+        from .results import build_result
+
+        t0 = time.perf_counter()
+        stages = [("reference", self.reference), ("sensitivity", self.sensitivity), ("study", self.open_study),
+                  ("warm start", self.warm_start), ("trials", self.trials), ("confirm", self.confirm)]
+        done = []
+        try:
+            for name, stage in stages:
+                t = time.perf_counter()
+                stage()
+                self.stage_seconds[name] = round(time.perf_counter() - t, 2)
+                done.append(name)
+        finally:
+            if "study" in done:  # whatever finished is reported, also after Ctrl-C or an error
+                self.reference_timer.close()
+                result = build_result(self, time.perf_counter() - t0)
+        return result
+
+
+def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True, book: LatencyBook | None = None) -> SearchResult:
+    """Python API of `sensq search`."""
+    return SearchRun(ws, evaluator, settings, progress, book).run()

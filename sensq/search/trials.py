@@ -1,0 +1,86 @@
+"""One trial, start to finish: build the plan's QDQ model, score it on the low-fidelity samples, stop it there when
+the paired evidence says it cannot reach the front, else score the rest of the search split and measure its latency
+(once per graph structure and machine)."""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+
+from ..latency import bops, measure_paired, structure_key
+from ..plan import PrecisionPlan
+from ..runtime import make_session
+from .fidelity import prune_decision
+from .records import LatencyBook, TrialRecord
+
+
+class TrialEvaluator:
+    def __init__(self, run):
+        self.run = run
+
+    def record(self, number: int, plan: PrecisionPlan, label: str, source: str, float_groups) -> TrialRecord:
+        return TrialRecord(number=number, plan=plan.to_dict(), plan_key=plan.key(), label=label, source=source,
+                           float_groups=list(float_groups), cost_proxy=self.run.float_mac_share(plan))
+
+    def evaluate(self, rec: TrialRecord, prune: bool = True) -> TrialRecord:
+        run, split = self.run, self.run.split
+        plan = PrecisionPlan.from_dict(rec.plan)
+        t0 = time.perf_counter()
+        qmodel = run.ws.build(plan)
+        rec.model_hash, rec.structure_key = run.hash(qmodel), structure_key(qmodel)
+        rec.seconds["build"] = round(time.perf_counter() - t0, 3)
+        session = _LazySession(qmodel)
+        t1 = time.perf_counter()
+        low = run.scorer.score(session, rec.model_hash, split.low_indices)
+        rec.seconds["low"] = round(time.perf_counter() - t1, 3)
+        self._set_metric(rec, low, split.low_indices)
+        if prune and split.low < len(split.search) and run.scorer.per_sample:
+            decision = prune_decision(rec.plan, low, run.finished_candidates(), run.low_boot)
+            if decision is not None:
+                rec.pruned = decision.to_dict()
+                return rec
+        t2 = time.perf_counter()
+        full = run.scorer.score(session, rec.model_hash, split.search)
+        rec.seconds["full"] = round(time.perf_counter() - t2, 3)
+        self._set_metric(rec, full, split.search)
+        t3 = time.perf_counter()
+        rec.latency = self.latency(qmodel, rec.structure_key)
+        rec.gbops = bops(qmodel) / 1e9
+        rec.seconds["latency"] = round(time.perf_counter() - t3, 3)
+        return rec
+
+    def _set_metric(self, rec: TrialRecord, samples, indices) -> None:
+        rec.fidelity = len(indices)
+        rec.metric = samples.value(indices)
+        rec.delta_int8 = rec.metric - self.run.int8.value(indices)
+
+    def latency(self, model, skey: str) -> dict:
+        """Paired latency of a built model vs FP32, shared by every trial with the same structure on this machine."""
+        run = self.run
+        key = LatencyBook.key(skey, run.machine["machine_id"], run.backend.spec)
+        found = run.book.get(key)
+        if found is not None:
+            return found
+        lat = measure_paired(run.backend, model, run.reference_timer, lock_dir=run.lock_dir)
+        value = {**lat.to_dict(), "machine_id": run.machine["machine_id"], "run_id": run.run_id,
+                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        value.pop("details", None)
+        run.book.put(key, value)
+        return value
+
+
+class _LazySession:
+    """An InferenceSession made on first use (a fully cached model is never loaded) and then reused."""
+
+    def __init__(self, model):
+        self.model, self._session = model, None
+
+    def _get(self):
+        if self._session is None:
+            self._session = make_session(self.model)
+        return self._session
+
+    def run(self, *args, **kwargs):
+        return self._get().run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._get(), name)

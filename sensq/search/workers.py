@@ -1,0 +1,87 @@
+"""Several processes (or machines) on one study: no trial is left RUNNING by a worker that died.
+
+Each running trial records which process runs it and sends Optuna heartbeats. A worker starting or asking for a
+new trial first fails the RUNNING trials whose process is gone (same host: the pid no longer exists) or whose
+heartbeat is stale (other hosts: Optuna's grace period), and re-enqueues their parameters with their labels, so a
+seed or mutation interrupted by a kill is retried instead of lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import optuna
+from optuna.trial import TrialState
+
+HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
+GRACE_PERIOD = 60  # a trial on another host is dead after this long without a heartbeat
+RETRY_OF = "retry_of"  # user attribute of a re-enqueued trial: the number of the trial that died
+
+
+def identity(worker: int = 0) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _dead_local(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials of a process on this host that no longer exists, and RUNNING trials that never said who runs
+    them (killed between ask() and claim()) once they are older than the grace period."""
+    import datetime as _dt
+
+    host = socket.gethostname()
+    now = _dt.datetime.now()
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = t.user_attrs.get("worker_identity")
+        if who is None:
+            if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > GRACE_PERIOD:
+                out.append(t)
+        elif who.get("host") == host and who.get("pid") != os.getpid() and not _alive(int(who["pid"])):
+            out.append(t)
+    return out
+
+
+def reclaim(study: optuna.Study) -> int:
+    """Fail the trials of dead workers and re-enqueue their parameters; returns how many were reclaimed."""
+    optuna.storages.fail_stale_trials(study)  # other hosts: heartbeat older than the grace period
+    storage = study._storage
+    n = 0
+    for t in _dead_local(study):
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+            continue
+        n += 1
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for t in trials:
+        if t.state != TrialState.FAIL or "duplicate_of" in t.user_attrs or t.number in retried or not t.params:
+            continue
+        attrs = {k: v for k, v in t.user_attrs.items() if k in ("source", "label")}
+        study.enqueue_trial(t.params, user_attrs={**attrs, RETRY_OF: t.number}, skip_if_exists=False)
+    return n
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, worker: int = 0) -> None:
+    """First thing after ask(): say which process runs the trial (a kill after this is detected at once)."""
+    trial.set_user_attr("worker_identity", identity(worker))
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Keep the trial's heartbeat going while the body runs (other hosts detect a dead worker by its absence)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread  # optuna>=4,<6: tested in tests/test_search_resume.py
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        yield

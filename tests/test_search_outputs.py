@@ -1,0 +1,104 @@
+"""What a search reports: the front (brute force over the stored records), intervals from the stored per-sample
+values, the held-out confirmation, units that follow the backend, the recommended point, trials.csv."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sensq.evaluators.samples import PairedBootstrap
+from sensq.evaluators.scoring import SampleStore
+from sensq.quantize import cache_dir
+from sensq.search import run_search
+from sensq.search.pareto import front_indices, hypervolume
+
+from search_helpers import PNG_SIGNATURE, make_tiny, searched, study_records, tiny_settings
+
+
+@pytest.fixture(scope="module")
+def confirmed(tmp_path_factory):
+    """A budget-12 search on the tiny setup with half of the 16 samples held out."""
+    tiny = make_tiny(tmp_path_factory.mktemp("tiny"))
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    workdir = tmp_path_factory.mktemp("search") / "run"
+    result = run_search(ws, ev, tiny_settings(workdir, 12, confirm=0.5, low_fidelity=4), progress=False)
+    return workdir, result, ws, ev
+
+
+def _dominated(p, points) -> bool:
+    return any(q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points)
+
+
+def test_front_is_the_brute_force_front_of_full_trials_and_fp32(confirmed):
+    workdir, result, ws, _ = confirmed
+    doc = json.loads((workdir / "pareto.json").read_text())
+    recs = study_records(workdir)
+    full = {r.number: (r.metric, r.ratio) for r in recs if r.full}
+    fp32 = next(r for r in result.rows if r["trial"] == -1)
+    points = {**full, -1: (fp32["metric"], 1.0)}
+    front = {r["trial"]: (r["metric"], r["ratio"]) for r in doc["front"]}
+    for n, p in front.items():
+        assert points[n] == pytest.approx(p) and not _dominated(p, points.values())
+    expected = {n for n, p in points.items() if not _dominated(p, points.values())}
+    assert set(front) <= expected and len({points[n] for n in expected}) == len(front)
+    assert not [r for r in recs if r.pruned and r.number in front]  # stopped trials are never on the front
+
+
+def test_intervals_recompute_from_stored_per_sample_values(confirmed):
+    workdir, result, ws, ev = confirmed
+    split = json.loads((workdir / "search.json").read_text())["split"]
+    store = SampleStore(cache_dir(ws.cfg) / "samples", ev)
+    fp32 = next(r for r in result.rows if r["trial"] == -1)
+    for part, prefix in ((split["search"], ""), (split["confirm"], "confirm_")):
+        boot = PairedBootstrap(np.asarray(part), 1000, 0)
+        for row in result.front:
+            mine = store.get(row["model_hash"])
+            m, d = boot.metric(mine), boot.difference(mine, store.get(fp32["model_hash"]))
+            assert (row[f"{prefix}metric"], row[f"{prefix}metric_lo"], row[f"{prefix}metric_hi"]) == pytest.approx((m.value, m.lo, m.hi))
+            assert (row[f"{prefix}d_fp32"], row[f"{prefix}d_fp32_lo"], row[f"{prefix}d_fp32_hi"]) == pytest.approx((d.value, d.lo, d.hi))
+            assert m.lo <= m.value <= m.hi
+    assert len(split["confirm"]) == 8 and not set(split["confirm"]) & set(split["search"])
+    for row in result.front:
+        if row["trial"] >= 0:
+            assert row["optimism"] == pytest.approx(row["metric"] - row["confirm_metric"])
+
+
+def test_bops_is_labelled_gbops_everywhere(confirmed, capsys):
+    workdir, result, _, _ = confirmed
+    doc = json.loads((workdir / "pareto.json").read_text())
+    assert doc["latency_unit"] == "GBOPs" and doc["latency_axis"] == "ratio to FP32"
+    assert all(r["latency_unit"] == "GBOPs" for r in doc["front"])
+    md = (workdir / "pareto.md").read_text()
+    assert "GBOPs (measured)" in md and not re.search(r"\bms\b", md)
+    csv = pd.read_csv(workdir / "pareto.csv")
+    assert set(csv["latency_unit"].dropna()) == {"GBOPs"}
+    from sensq.reports.pareto_report import format_front_summary
+
+    assert "GBOPs (measured)" in format_front_summary(result.front, result.summary)
+    assert " ms" not in format_front_summary(result.front, result.summary)
+
+
+def test_recommended_point_and_files(confirmed):
+    workdir, result, _, _ = confirmed
+    doc = json.loads((workdir / "pareto.json").read_text())
+    rec = doc["recommended_trial"]
+    ok = [r for r in doc["front"] if r["trial"] >= 0 and r["d_fp32"] >= -0.005]
+    assert rec == (min(ok, key=lambda r: r["ratio"])["trial"] if ok else None)
+    assert (workdir / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted(p.name for p in (workdir / "front").glob("trial_*.json")) == \
+        sorted(f"trial_{r['trial']}.json" for r in doc["front"] if r["trial"] >= 0)
+    trials = pd.read_csv(workdir / "trials.csv")
+    assert len(trials) == len(study_records(workdir)) and set(trials["source"]) >= {"seed", "sensitivity"}
+    assert int(trials["pruned"].sum()) == result.summary["pruned"]
+    assert result.summary["distinct_plans"] == len(searched(study_records(workdir))) == 12
+
+
+def test_pareto_helpers_by_hand():
+    metric, cost = [0.5, 0.4, 0.55, 0.3, 0.55], [2.0, 1.0, 1.5, 1.0, 1.5]
+    assert front_indices(metric, cost) == [1, 2]  # 0 dominated by 2; 3 by 1; 4 duplicates 2 (later)
+    # two front points (1.0, 0.4) and (1.5, 0.55) against (2.0, 0.3): 0.5 x 0.1 + 0.5 x 0.25
+    assert hypervolume(metric, cost, 0.3, 2.0) == pytest.approx(0.5 * 0.1 + 0.5 * 0.25)
+    assert hypervolume([0.2], [0.5], 0.3, 2.0) == 0.0  # below the reference metric: nothing

@@ -1,0 +1,153 @@
+"""Resuming a study: a larger budget continues it (seeds once, earlier trials kept, no model rescored), a SIGKILL
+mid-trial loses at most that trial, custom and bad storage URLs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sensq.cli import main
+from sensq.errors import SensqError
+from sensq.search import run_search
+
+from search_helpers import SEED_LABELS, load_study, make_tiny, searched, study_records, tiny_settings
+from test_search import restore_sensq_logger  # noqa: F401 (autouse)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def test_resume_with_larger_budget_keeps_trials_and_does_not_reseed(tiny, tmp_path):
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    workdir = tmp_path / "w"
+    run_search(ws, ev, tiny_settings(workdir, 2), progress=False)
+    before = {r.number: (r.plan_key, r.metric) for r in study_records(workdir)}
+    scored = ev.scored
+    run_search(ws, ev, tiny_settings(workdir, 8), progress=False)
+    recs = study_records(workdir)
+    assert len(searched(recs)) == 8 and len({r.plan_key for r in searched(recs)}) == 8
+    assert {r.number: (r.plan_key, r.metric) for r in recs if r.number in before} == before
+    labels = [r.label for r in searched(recs)]
+    assert [labels.count(lab) for lab in SEED_LABELS] == [1, 1, 1, 1], labels
+    # FP32, all-INT8 and the sensitivity models came from the per-sample store: only the 6 new plans ran, each on
+    # at most the 16 search samples
+    assert 0 < ev.scored - scored <= 6 * 16
+    scored = ev.scored
+    run_search(ws, ev, tiny_settings(workdir, 8), progress=False)  # budget reached: nothing new
+    assert len(searched(study_records(workdir))) == 8 and ev.scored == scored
+
+
+def test_resumed_search_does_not_replay_proposals(tiny, tmp_path):
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    run_search(ws, ev, tiny_settings(tmp_path / "w", 6), progress=False)
+    run_search(ws, ev, tiny_settings(tmp_path / "w", 9), progress=False)
+    keys = [r.plan_key for r in searched(study_records(tmp_path / "w"))]
+    assert len(keys) == len(set(keys)) == 9
+
+
+def _states(db: Path) -> list[str]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+    try:
+        return [r[0] for r in con.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return []
+    finally:
+        con.close()
+
+
+def _claimed(db: Path) -> bool:
+    """The running trial has said which process runs it (so the kill lands mid-trial, not inside ask())."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+    try:
+        q = ("SELECT COUNT(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+             "WHERE t.state = 'RUNNING' AND a.key = 'worker_identity'")
+        return con.execute(q).fetchone()[0] > 0
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        con.close()
+
+
+def test_resume_after_sigkill(tiny, tmp_path):
+    budget = 8
+    workdir = tmp_path / "w"
+    db = workdir / "study.db"
+    cmd = [sys.executable, "-m", "sensq", *tiny.search_args(workdir, budget)]
+    env = {**os.environ, "SENSQ_TEST_SLEEP": "0.4",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    states: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"search ended before it could be killed: {(tmp_path / 'first.log').read_text()[-2000:]}"
+            states = _states(db) if db.exists() else []
+            if states.count("COMPLETE") >= 5 and "RUNNING" in states and _claimed(db):  # mid-trial, after the warm start
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no trial running after the warm start within 120 s: {states}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    before = {r.number: (r.plan_key, r.metric) for r in study_records(workdir)}
+    rerun = subprocess.run(cmd, env={**env, "SENSQ_TEST_SLEEP": "0"}, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    recs = study_records(workdir)
+    assert len(searched(recs)) == budget == len({r.plan_key for r in searched(recs)})
+    assert {r.number: (r.plan_key, r.metric) for r in recs if r.number in before} == before
+    complete_labels = [r.label for r in searched(recs)]  # COMPLETE trials only: a killed one does not count
+    trace = [(t.number, t.state.name, t.user_attrs.get("label"), t.user_attrs.get("retry_of"),
+              t.user_attrs.get("duplicate_of")) for t in load_study(workdir).trials]
+    assert [complete_labels.count(lab) for lab in SEED_LABELS] == [1, 1, 1, 1], trace
+    study = load_study(workdir)
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+    killed = [t for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,)) if "duplicate_of" not in t.user_attrs]
+    assert len(killed) == 1 and killed[0].user_attrs["worker_identity"]["pid"] == proc.pid  # failed, then retried
+    assert (workdir / "pareto.json").is_file()
+
+
+def test_custom_storage_url_via_cli(tiny, tmp_path):
+    db = tmp_path / "elsewhere" / "custom.db"
+    db.parent.mkdir()
+    workdir = tmp_path / "w"
+    url = f"sqlite:///{db}"
+    assert main(tiny.search_args(workdir, 3, "--storage", url)) == 0
+    assert db.is_file() and not (workdir / "study.db").exists()
+    info = json.loads((workdir / "search.json").read_text())
+    assert info["storage"] == url
+    assert len(searched(study_records(workdir))) == 3
+
+
+@pytest.mark.parametrize("url", ["notadb://nowhere", "sqlite:///{tmp}/no/such/folder/study.db"],
+                         ids=["unknown-dialect", "sqlite-missing-folder"])
+def test_bad_storage_url_is_a_user_error(tiny, tmp_path, url):
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    with pytest.raises(SensqError, match="cannot open Optuna storage"):
+        run_search(ws, ev, tiny_settings(tmp_path / "w", 2, storage=url.format(tmp=tmp_path)), progress=False)
+
+
+def test_bad_storage_url_cli_exit_code(tiny, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/no/such/folder/study.db"
+    assert main(tiny.search_args(tmp_path / "w", 2, "--storage", url)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sensq: error: cannot open Optuna storage") and "Traceback" not in err
