@@ -2,8 +2,9 @@
 
 cumulative  every quantized tensor of the fully quantized model against the same tensor of the float model, on the
             same inputs; errors accumulate through the graph (what xquant's report shows).
-isolated    one layer (or group) quantized at a time, everything else float; the error is measured at the model
-            outputs, so each row is that layer's own contribution.
+isolated    one layer (or group) quantized at a time, everything else float; the error is measured where the
+            quantized region ends (`region_outputs`: the inputs of a float head such as a detector's decode, else the
+            model outputs), so each row is that layer's own contribution, not drowned in decoded box pixels.
 
 Measures are aggregated over samples as totals: SNR = sum||q-f||^2 / sum||f||^2, Cosine over the concatenation.
 F.Hist is the 32-bin histogram of the float values (computed on up to HIST_SAMPLE values per tensor).
@@ -157,7 +158,7 @@ def cumulative_errors(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, fee
 
 
 def output_errors(float_outputs: list[list[np.ndarray]], q_outputs: list[list[np.ndarray]]) -> dict:
-    """SNR and cosine at the model outputs over all samples and outputs."""
+    """SNR and cosine over all samples and all tensors given (per sample: one array per tensor, same order)."""
     a = ErrorAccumulator()
     for fo, qo in zip(float_outputs, q_outputs):
         for f, q in zip(fo, qo):
@@ -166,31 +167,103 @@ def output_errors(float_outputs: list[list[np.ndarray]], q_outputs: list[list[np
     return {"Output SNR": r["SNR"], "Output SQNR_dB": r["SQNR_dB"], "Output Cosine": r["Cosine"]}
 
 
+def float_tail(model: onnx.ModelProto, float_nodes) -> set[str]:
+    """Float nodes whose every consumer is float too, up to the model outputs: the float head (a decode) that
+    takes over where the quantized region ends. Float nodes in the middle of the graph are not part of it."""
+    floating = set(float_nodes)
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n.name)
+    tail: set[str] = set()
+    for n in reversed(model.graph.node):  # consumers come later in topological order
+        if n.name in floating and all(c in tail for o in n.output for c in consumers.get(o, [])):
+            tail.add(n.name)
+    return tail
+
+
+def region_outputs(model: onnx.ModelProto, float_nodes=()) -> list[str]:
+    """Float tensors where the quantized region ends: inputs of the float tail (see `float_tail`) computed outside it,
+    and model outputs computed outside it. Without a float tail these are the model outputs.
+
+    For a YOLOv5 whose decode is kept float these are the three detection convs' outputs (/model.24/m.{0,1,2}/Conv),
+    i.e. box, objectness and class logits on their own scale, instead of decoded boxes in pixels (0-640) that
+    outweigh the class scores in 1x25200x85.
+    """
+    tail = float_tail(model, float_nodes)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in
+              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    computed = {o: n for n in model.graph.node if n.name not in tail and n.op_type != "Constant" for o in n.output}
+    out = [x for n in model.graph.node if n.name in tail for x in n.input if x in computed]
+    out += [o.name for o in model.graph.output if o.name in computed]
+    order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    out = [t for t in dict.fromkeys(out) if dtypes.get(t, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+    return sorted(out, key=order.__getitem__)
+
+
+class RegionErrorProbe:
+    """Error of a QDQ model against the float model at fixed tensors (default: `region_outputs`), on fixed samples.
+
+    The float reference is computed once; each call runs one QDQ model. What a QDQ model's consumers see of a
+    tensor is its dequantized value, so a tensor quantized in that model is read after its DequantizeLinear.
+
+        probe = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(8))
+        probe(ws.build(plan))  # {"Output SNR": ..., "Output SQNR_dB": ..., "Output Cosine": ..., "per_tensor": {...}}
+    """
+
+    def __init__(self, float_model: onnx.ModelProto, float_nodes=(), feeds: list[dict] = (), tensors: list[str] | None = None,
+                 threads: int | None = None):
+        self.float_model = float_model
+        self.tensors = list(tensors) if tensors is not None else region_outputs(float_model, float_nodes)
+        self.feeds = list(feeds)
+        self.threads = threads
+        fsess = make_session(augmented_model(float_model, self.tensors), threads=threads)
+        self.reference = [fsess.run(self.tensors, feed) for feed in self.feeds]
+
+    def quantized_values(self, qmodel: onnx.ModelProto) -> list[list[np.ndarray]]:
+        acts, _ = quantized_tensor_map(qmodel, self.float_model)
+        names = [acts.get(t, t) for t in self.tensors]
+        qsess = make_session(augmented_model(qmodel, list(dict.fromkeys(names))), threads=self.threads)
+        return [qsess.run(names, feed) for feed in self.feeds]
+
+    def __call__(self, qmodel: onnx.ModelProto) -> dict:
+        """{"Output SNR", "Output SQNR_dB", "Output Cosine"} over all tensors and samples, and "per_tensor":
+        {tensor: SNR} (SNR = ||q-f||^2 / ||f||^2, lower is better)."""
+        accs = [ErrorAccumulator() for _ in self.tensors]
+        for f, q in zip(self.reference, self.quantized_values(qmodel)):
+            for acc, fi, qi in zip(accs, f, q):
+                acc.add(qi, fi)
+        total = ErrorAccumulator(**{k: sum(getattr(a, k) for a in accs) for k in ("noise", "signal", "dot", "qq", "n")})
+        r = total.row()
+        return {"Output SNR": r["SNR"], "Output SQNR_dB": r["SQNR_dB"], "Output Cosine": r["Cosine"],
+                "per_tensor": {t: a.row()["SNR"] for t, a in zip(self.tensors, accs)}}
+
+
+def region_output_errors(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list[dict], float_nodes=(),
+                         tensors: list[str] | None = None) -> dict:
+    """One-off `RegionErrorProbe`: error of qmodel where the quantized region ends (or at `tensors`)."""
+    return RegionErrorProbe(float_model, float_nodes, feeds, tensors)(qmodel)
+
+
 def isolated_errors(builder, base_plan, units: dict[str, list[str]], feeds: list[dict], float_model: onnx.ModelProto,
-                    progress: bool = True, threads: int | None = None) -> pd.DataFrame:
-    """Quantize one unit (a node or a group of nodes) at a time; measure the error at the model outputs.
+                    progress: bool = True, threads: int | None = None, tensors: list[str] | None = None) -> pd.DataFrame:
+    """Quantize one unit (a node or a group of nodes) at a time; measure the error where the quantized region of
+    `base_plan` ends (`region_outputs`, or the given `tensors`).
 
     `units` maps a label to node names; every other node stays float. Statistics are the cached ones (no calibration).
     """
-    fsess = make_session(float_model, threads=threads)
-    out_names = [o.name for o in fsess.get_outputs()]
-    float_outputs = [fsess.run(out_names, feed) for feed in feeds]
+    probe = RegionErrorProbe(float_model, base_plan.float_nodes, feeds, tensors, threads)
     all_nodes = set(builder.node_names)
     nodes = {n.name: n for n in float_model.graph.node}
     rows = []
     for label, members in tqdm(units.items(), desc="isolated error", unit="layer", disable=not progress, leave=False):
-        plan = base_plan.with_float(all_nodes - set(members))
-        qmodel = builder.build(plan)
-        qsess = make_session(qmodel, threads=threads)
-        q_outputs = [qsess.run(out_names, feed) for feed in feeds]
+        errors = probe(builder.build(base_plan.with_float(all_nodes - set(members))))
+        errors.pop("per_tensor")
         first = nodes.get(members[0])
         rows.append({"Op": _node_label(first) if len(members) == 1 and first is not None else f"{label}[{len(members)} nodes]",
-                     "Var": first.output[0] if len(members) == 1 and first is not None else label,
-                     **output_errors(float_outputs, q_outputs)})
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df["SNR"] = df["Output SNR"]  # isolated rows are judged by their effect at the outputs
-    return df
+                     "Var": first.output[0] if len(members) == 1 and first is not None else label, **errors})
+    return pd.DataFrame(rows)
 
 
 def compute_units(graph, plan, by: str = "node", depth: int = 1, op_types=COMPUTE_OPS) -> dict[str, list[str]]:

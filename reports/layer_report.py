@@ -40,6 +40,18 @@ def fmt_float(value, decimals: int = 4) -> str:
     return f"{v:.{decimals}f}"
 
 
+def fmt_sig(value, digits: int = 4) -> str:
+    """Four significant digits, so small error ratios keep their magnitude (0.0001234, 1.234e-06; never 0.0000)
+    and values next to the 0.1 flag threshold stay distinguishable (0.1 vs 0.1001)."""
+    text = fmt_float(value)
+    if text in ("-", "inf", "-inf"):
+        return text
+    try:
+        return f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return text
+
+
 def _pair_values(value) -> tuple[float, float] | None:
     """(min, max) from a tuple / list / array, or from an 'a,b' string as read back from a file."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -93,16 +105,16 @@ def _fmt_generic(value) -> str:
 KNOWN_COLUMNS: list[tuple[str, str, Callable]] = [
     ("Op", "Op", _fmt_text),
     ("Var", "Var", _fmt_text),
-    ("SNR", "SNR", fmt_float),
+    ("SNR", "SNR", fmt_sig),
     ("SQNR_dB", "SQNR dB", lambda v: fmt_float(v, 2)),
-    ("MSE", "MSE", fmt_float),
+    ("MSE", "MSE", fmt_sig),
     ("Cosine", "Cosine", fmt_float),
     ("Q.MinMax", "Q.MinMax", fmt_minmax),
     ("F.MinMax", "F.MinMax", fmt_minmax),
     ("F.Hist", "F.Hist", fmt_hist),
 ]
 _KNOWN_NAMES = {c for c, _, _ in KNOWN_COLUMNS}
-_OUTPUT_COLUMNS = {"Output SNR": fmt_float, "Output Cosine": fmt_float}
+_OUTPUT_COLUMNS = {"Output SNR": fmt_sig, "Output SQNR_dB": lambda v: fmt_float(v, 2), "Output Cosine": fmt_float}
 
 
 def ordered_columns(df: pd.DataFrame) -> list[tuple[str, str, Callable]]:
@@ -185,8 +197,9 @@ def render_markdown(df: pd.DataFrame, title: str, kind: Kind = "cumulative", snr
     if kind == "isolated":
         lines.append(
             "*Isolated view*: each row quantizes only that layer and runs the rest of the model in float, so a row "
-            "shows the error that layer causes on its own. **Output SNR** is the same ratio measured at the model "
-            f"outputs; rows with Output SNR > {snr_t} are flagged too.")
+            "shows the error that layer causes on its own. **Output SNR** is the same ratio measured where the "
+            "quantized region ends (the inputs of a float head such as a detector's decode, else the model outputs; "
+            f"listed below), summed over those tensors; rows with Output SNR > {snr_t} are flagged.")
     else:
         lines.append(
             "*Cumulative view*: the whole model is quantized, so each row's error includes the error propagated "
@@ -215,7 +228,7 @@ def render_markdown(df: pd.DataFrame, title: str, kind: Kind = "cumulative", snr
         for idx in order:
             i = df.index.get_loc(idx)
             mark = f" {FLAG_MARK}" if row_flags.iloc[i] else ""
-            lines.append(f"- `{_row_name(df, i)}` {plotted} {fmt_float(values.loc[idx])}{mark}")
+            lines.append(f"- `{_row_name(df, i)}` {plotted} {fmt_sig(values.loc[idx])}{mark}")
         lines.append("")
 
     columns = ordered_columns(df)

@@ -23,6 +23,7 @@ from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, Te
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantType
 
+from . import ranges as range_methods
 from .errors import SensqError
 from .plan import PrecisionPlan
 from .ranges import Grid, compute_range, normalize_percentile
@@ -137,6 +138,40 @@ class _CachingQDQQuantizer(QDQQuantizer):
         return cached
 
 
+# Ops between a model input and the first layer that keep the input's values dense over the uint8 codes: in-graph
+# normalisation (x - mean) / std, layout changes, crops and the YOLOv5 Focus slices.
+_INPUT_PASS_THROUGH = {"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Transpose", "Reshape", "Flatten", "Squeeze",
+                       "Unsqueeze", "Pad", "Slice", "Resize", "Concat"}
+
+
+def _channel_axis(node: onnx.NodeProto) -> int:
+    """The per-channel axis onnxruntime's QDQ quantizer gives this op's weight (operators/conv.py, gemm.py, matmul.py)."""
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return 0 if node.op_type == "Conv" else 1
+
+
+def first_layer_weights(model: onnx.ModelProto) -> dict[str, int]:
+    """Weights of the compute layers whose activation input comes from a model input, directly or through
+    normalisation / layout ops -> the weight's per-channel axis.
+
+    Their uint8 input codes span the whole 0-255 range densely (raw 0-255 pixels and normalised images alike), which
+    is what saturates the int16 pair sums of onnxruntime's u8s8 kernels on x86 without VNNI.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    constants = inits | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    from_input = {i.name for i in model.graph.input if i.name not in inits}
+    out = {}
+    for node in model.graph.node:  # topological order
+        variable = [x for x in node.input if x and x not in constants]
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node.input[0] in from_input and len(node.input) > 1 and node.input[1] in inits:
+                out[node.input[1]] = _channel_axis(node)
+        elif node.op_type in _INPUT_PASS_THROUGH and variable and all(x in from_input for x in variable):
+            from_input.update(o for o in node.output if o)
+    return dict(sorted(out.items()))
+
+
 class QDQBuilder:
     """Builds QDQ models for many plans from one set of statistics. Range computations are memoised."""
 
@@ -152,10 +187,9 @@ class QDQBuilder:
         self._param_cache: dict = {}
         self.node_names = [n.name for n in self.model.graph.node]
         inits = {i.name for i in self.model.graph.initializer}
-        # Weights of compute layers that read a model input directly (overflow_fix="first_layer").
         graph_inputs = {i.name for i in self.model.graph.input if i.name not in inits}
-        self.first_layer_weights = sorted({n.input[1] for n in self.model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-                                           and n.input[0] in graph_inputs and len(n.input) > 1 and n.input[1] in inits})
+        # Weights of the layers reading model inputs (overflow_fix="first_layer") -> their per-channel axis.
+        self.first_layer_weights = first_layer_weights(self.model)
         self.io_tensors = graph_inputs | {o.name for o in self.model.graph.output}
 
     # ranges ------------------------------------------------------------------------------------------------------
@@ -182,10 +216,14 @@ class QDQBuilder:
         if self.range_cache is None or not self.range_cache.is_file():
             return
         try:
-            for row in json.loads(self.range_cache.read_text()):
+            data = json.loads(self.range_cache.read_text())
+            if not isinstance(data, dict) or data.get("version") != range_methods.ALGORITHM_VERSION:
+                log.info("range cache %s was computed by other range code; recomputing", self.range_cache)
+                return
+            for row in data["rows"]:
                 name, method, qmin, qmax, symmetric, lo, hi = row
                 self._ranges[(name, method, None, Grid(qmin, qmax, symmetric))] = (lo, hi)
-        except (ValueError, TypeError, OSError):
+        except (ValueError, TypeError, KeyError, OSError):
             log.warning("range cache %s unreadable; recomputing", self.range_cache)
 
     def _save_ranges(self) -> None:
@@ -195,7 +233,7 @@ class QDQBuilder:
                 if m in self.PERSISTED_METHODS]
         try:
             tmp = self.range_cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows))
+            tmp.write_text(json.dumps({"version": range_methods.ALGORITHM_VERSION, "rows": rows}))
             tmp.replace(self.range_cache)
         except OSError as e:
             log.warning("could not write range cache %s: %s", self.range_cache, e)
@@ -215,7 +253,10 @@ class QDQBuilder:
         extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True}
         fix = plan.overflow_fix or target.overflow_fix
         if fix == "first_layer":
-            extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, "axis": 0}] for w in self.first_layer_weights}
+            # An override without "axis" makes onnxruntime quantize the weight per tensor: give the axis only when
+            # the plan asks for per-channel weights, and then the one onnxruntime itself uses for that op.
+            extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, **({"axis": axis} if plan.per_channel else {})}]
+                                             for w, axis in self.first_layer_weights.items()}
         previous = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # ORT logs an info line per skipped tensor
         try:

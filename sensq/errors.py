@@ -9,7 +9,3 @@ class SensqError(Exception):
         self.fix = fix
         super().__init__(f"{problem} -- {fix}" if fix else problem)
 
-
-def require(condition: bool, problem: str, fix: str | None = None) -> None:
-    if not condition:
-        raise SensqError(problem, fix)

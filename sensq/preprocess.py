@@ -125,7 +125,3 @@ def imagenet_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
     top = int(round((nh - height) / 2.0))
     return np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
 
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in a folder (sorted by name: the fixed order subsets rely on)."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

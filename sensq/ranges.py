@@ -9,10 +9,13 @@ default     per tensor: minmax for model inputs and outputs, the 99.99th percent
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from . import statistics
 from .errors import SensqError
 from .statistics import TensorStats
 
@@ -25,9 +28,26 @@ DEFAULT_RULE = (
 )
 
 
+def _code_version() -> str:
+    """Hash of the code that turns statistics into ranges (this module and the histogram views it reads): ranges
+    cached on disk by other code are never reused. Any edit, even a comment, recomputes them (seconds)."""
+    h = hashlib.sha256()
+    for module in (__file__, statistics.__file__):
+        try:
+            h.update(Path(module).read_bytes())
+        except OSError:  # no source next to the bytecode: fall back to the versions that are always present
+            h.update(f"{module}|v={statistics.CACHE_VERSION}".encode())
+    return h.hexdigest()[:16]
+
+
+ALGORITHM_VERSION = _code_version()
+
+
 @dataclass(frozen=True)
 class Grid:
-    """Integer grid a range is mapped onto (mirrors onnxruntime's compute_scale_zp)."""
+    """Integer grid a range is mapped onto, as onnxruntime's QDQ quantizer maps it (get_qmin_qmax_for_qType and
+    compute_scale_zp): asymmetric uint8 [0, 255] and int8 [-128, 127]; symmetric int8 [-127, 127] with scale a/127
+    and zero point 0; symmetric uint8 [0, 255] with zero point 128."""
 
     qmin: int = 0
     qmax: int = 255
@@ -35,7 +55,23 @@ class Grid:
 
     @classmethod
     def for_activation(cls, dtype: str, symmetric: bool) -> "Grid":
-        return cls(-128, 127, symmetric) if dtype == "int8" else cls(0, 255, symmetric)
+        if dtype == "int8":
+            return cls(-127, 127, True) if symmetric else cls(-128, 127, False)
+        return cls(0, 255, symmetric)
+
+    def scale_zero_point(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point of ranges [lo, hi] (arrays, vectorised), widened to contain 0 as onnxruntime does."""
+        lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+        hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+        if self.symmetric:
+            a = np.maximum(-lo, hi)
+            lo, hi = -a, a
+        scale = np.maximum((hi - lo) / (self.qmax - self.qmin), 1e-12)
+        if self.symmetric:
+            zp = np.full_like(scale, np.round((self.qmin + self.qmax) / 2.0))
+        else:
+            zp = np.round(self.qmin - lo / scale)
+        return scale, zp
 
 
 def check_method(method: str) -> str:
@@ -142,13 +178,8 @@ def kl_threshold(st: TensorStats, target_bins: int = 128, max_bins: int = 2048, 
 # mse ---------------------------------------------------------------------------------------------------------------
 def quant_error(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, grid: Grid) -> np.ndarray:
     """Expected squared error of quantizing the histogram with each candidate range (vectorised over candidates)."""
-    lo = np.minimum(np.asarray(lo, np.float64), 0.0)[:, None]
-    hi = np.maximum(np.asarray(hi, np.float64), 0.0)[:, None]
-    if grid.symmetric:
-        a = np.maximum(-lo, hi)
-        lo, hi = -a, a
-    scale = np.maximum((hi - lo) / (grid.qmax - grid.qmin), 1e-12)
-    zp = np.round(grid.qmin - lo / scale) if not grid.symmetric else np.round((grid.qmin + grid.qmax) / 2.0) * np.ones_like(scale)
+    scale, zp = grid.scale_zero_point(lo, hi)
+    scale, zp = scale[:, None], zp[:, None]
     q = (np.clip(np.round(centers[None, :] / scale) + zp, grid.qmin, grid.qmax) - zp) * scale
     return ((q - centers[None, :]) ** 2 * counts[None, :]).sum(axis=1)
 

@@ -2,14 +2,23 @@
 
 Activations are never stored. Each tensor keeps a fixed-size histogram of |x| per sign over [0, R): when a larger
 value arrives, R doubles and adjacent bin pairs merge (exact re-binning, no interpolation). Large tensors are
-histogrammed on a strided subsample (at most SAMPLE_CAP values per image; min/max stay exact), which keeps the
-pass within a small multiple of plain inference; 200 images x 65k samples still leave thousands of values above
-the 99.99th percentile.
+histogrammed on a subsample (at most SAMPLE_CAP values per image; min/max stay exact), which keeps the pass within a
+small multiple of plain inference; 200 images x 65k samples still leave thousands of values above the 99.99th
+percentile.
+
+The subsample is every k-th value with k coprime to the tensor's size. A stride sharing a factor with the innermost
+dimension would see a fixed subset of channels or columns (a 1x3x80x80x85 tensor read every 25th value sees every
+5th column; an NHWC RGB input read every 3rd value sees one channel). With gcd(k, size) = 1, k is coprime to every
+product P of trailing dimensions (each divides the size), so the positions sampled run through all P residues once
+per P samples: every channel, row and column alike (see `sample_step`). On yolov5n (30 COCO images) the
+99.99th-percentile ranges from this sample are within 0.25 % of those from every value (mean over tensors; 3.4 % for
+the worst tensor); the aliasing stride was off by 0.5 % (mean) and 17 % (worst).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +31,7 @@ from .errors import SensqError
 
 BINS_PER_SIGN = 4096
 SAMPLE_CAP = 1 << 16
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sample stride coprime with the size (version 1 sampled with an aliasing stride)
 
 
 @dataclass
@@ -39,7 +48,7 @@ class TensorStats:
         flat = x.reshape(-1)
         if flat.size == 0:
             return
-        self.update_summary(float(flat.min()), float(flat.max()), flat[:: sample_step(flat.size)], flat.size)
+        self.update_summary(float(flat.min()), float(flat.max()), sample_values(flat), flat.size)
 
     def update_summary(self, lo: float, hi: float, sample: np.ndarray, count: int) -> None:
         """Add one tensor given its exact min/max and its strided sample (what the augmented graph returns)."""
@@ -71,24 +80,6 @@ class TensorStats:
             half[h // 2:] = 0
         self.scale *= 2.0
 
-    def merge(self, other: "TensorStats") -> None:
-        if other.count == 0:
-            return
-        if self.count == 0:
-            self.min, self.max, self.scale, self.hist, self.count = other.min, other.max, other.scale, other.hist.copy(), other.count
-            return
-        o = other.hist.copy()
-        oscale = other.scale
-        while oscale < self.scale:
-            tmp = TensorStats(scale=oscale, hist=o)
-            tmp._double()
-            o, oscale = tmp.hist, tmp.scale
-        while self.scale < oscale:
-            self._double()
-        self.hist += o
-        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
-        self.count += other.count
-
     # Views used by the range methods -----------------------------------------------------------------
     @property
     def bin_width(self) -> float:
@@ -108,8 +99,17 @@ class TensorStats:
 
 
 def sample_step(size: int) -> int:
-    """Stride of the histogram sample: every value up to SAMPLE_CAP values, then every k-th."""
-    return max(1, -(-size // SAMPLE_CAP))
+    """Stride of the histogram sample: 1 up to SAMPLE_CAP values, else the smallest k >= size / SAMPLE_CAP that is
+    coprime with `size`, so that no channel, row or column is skipped (see the module docstring)."""
+    k = max(1, -(-size // SAMPLE_CAP))
+    while k > 1 and math.gcd(k, size) != 1:
+        k += 1
+    return k
+
+
+def sample_values(flat: np.ndarray) -> np.ndarray:
+    """The sample of a flat array that the observer graph returns for it (numpy twin of `observer_model`)."""
+    return flat[:: sample_step(flat.size)]
 
 
 def _pow2_at_least(v: float) -> float:
@@ -170,7 +170,7 @@ def observer_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Mod
     Returns the model and {tensor: (min output, max output, sample output, element count or None)}; a tensor of
     unknown size is returned whole (sample output = the tensor, count None).
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {}
@@ -181,33 +181,40 @@ def observer_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Mod
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
-    outputs, nodes, inits, plan = [], [], [], {}
-    flat_shape = "__sensq_flat"
-    inits.append(numpy_helper.from_array(np.array([-1], np.int64), flat_shape))
+    outputs, nodes, inits, plan = [], [], [_int64s("__sensq_flat", [-1])], {}
     for i, t in enumerate(tensors):
         size = shapes.get(t)
         mn, mx = f"__sensq_min_{i}", f"__sensq_max_{i}"
         nodes.append(helper.make_node("ReduceMin", [t], [mn], keepdims=0, name=f"__sensq_rmin_{i}"))
         nodes.append(helper.make_node("ReduceMax", [t], [mx], keepdims=0, name=f"__sensq_rmax_{i}"))
-        if size is None:
-            sample = t
-        else:
-            flat, sample = f"__sensq_flat_{i}", f"__sensq_sample_{i}"
-            step = sample_step(size)
-            nodes.append(helper.make_node("Reshape", [t, flat_shape], [flat], name=f"__sensq_reshape_{i}"))
-            if step > 1:
-                names = [f"__sensq_s{i}_{k}" for k in ("starts", "ends", "axes", "steps")]
-                for name, value in zip(names, ([0], [size], [0], [step])):
-                    inits.append(numpy_helper.from_array(np.array(value, np.int64), name))
-                nodes.append(helper.make_node("Slice", [flat] + names, [sample], name=f"__sensq_slice_{i}"))
-            else:
-                sample = flat
+        sample = t if size is None else _sample_nodes(t, f"__sensq_{i}", size, nodes, inits)
         plan[t] = (mn, mx, sample, size)
         outputs += [mn, mx] + ([sample] if sample not in existing else [])
     m.graph.node.extend(nodes)
     m.graph.initializer.extend(inits)
     m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in dict.fromkeys(outputs) if o not in existing)
     return m, plan
+
+
+def _int64s(name: str, values: list[int]) -> onnx.TensorProto:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def _sample_nodes(tensor: str, prefix: str, size: int, nodes: list, inits: list) -> str:
+    """Append the nodes computing `sample_values(tensor.reshape(-1))`; return the name of the sample output."""
+    from onnx import helper
+
+    flat = f"{prefix}_flat"
+    nodes.append(helper.make_node("Reshape", [tensor, "__sensq_flat"], [flat], name=f"{prefix}_reshape"))
+    step = sample_step(size)
+    if step == 1:
+        return flat
+    names = [f"{prefix}_s_{a}" for a in ("starts", "ends", "axes", "steps")]
+    inits += [_int64s(n, v) for n, v in zip(names, ([0], [size], [0], [step]))]
+    nodes.append(helper.make_node("Slice", [flat] + names, [f"{prefix}_sample"], name=f"{prefix}_slice"))
+    return f"{prefix}_sample"
 
 
 def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -256,7 +263,7 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
                 v = values[sample]
                 if not isinstance(v, np.ndarray) or v.dtype != np.float32:
                     continue  # shape inference missed a non-float tensor
-                stats[name].update_summary(float(values[mn]), float(values[mx]), v if size else v.reshape(-1)[:: sample_step(v.size)],
+                stats[name].update_summary(float(values[mn]), float(values[mx]), v if size else sample_values(v.reshape(-1)),
                                            size or v.size)
 
     n = 0

@@ -11,7 +11,8 @@ from onnx import numpy_helper
 
 from sensq.analysis import cumulative_report, isolated_report
 from sensq.cli import main
-from sensq.evaluators.layer_error import cumulative_errors
+from sensq.evaluators.layer_error import (RegionErrorProbe, cumulative_errors, isolated_errors, region_output_errors,
+                                          region_outputs)
 from sensq.reports.layer_report import write_layer_report
 from sensq.runtime import make_session
 from sensq.statistics import augmented_model
@@ -131,9 +132,9 @@ def test_cumulative_report_markdown_flags_and_png(ws, coarse_plan, tmp_path):
     rows = _md_rows(md)
     assert set(rows) == set(hand)
     for var, h in hand.items():
-        for col in ("SNR", "MSE", "Cosine"):
+        for col, fmt in (("SNR", ".4g"), ("MSE", ".4g"), ("Cosine", ".4f")):
             cell = rows[var][col].replace("**", "").replace("⚠", "").strip()
-            assert cell == f"{h[col]:.4f}", (var, col, cell, h[col])
+            assert cell == format(h[col], fmt), (var, col, cell, h[col])
     expected_flags = {var for var, h in hand.items() if _is_flagged_by_hand(h)}
     md_flags = {var for var, r in rows.items() if any("⚠" in c for c in r.values())}
     assert md_flags == expected_flags
@@ -178,12 +179,13 @@ def test_isolated_report_one_row_per_compute_node(ws, tmp_path):
 
     feeds = ws.samples(8)
     fsess = make_session(ws.builder.model)
+    hand = {}
     for node in ("conv1", "conv2"):
         others = set(ws.builder.node_names) - {node}
         qsess = make_session(ws.builder.build(ws.base_plan.with_float(others)))
         f = [fsess.run(None, feed)[0] for feed in feeds]
         q = [qsess.run(None, feed)[0] for feed in feeds]
-        h = _measures(q, f)
+        h = hand[node] = _measures(q, f)
         row = df[df["Op"] == f"{node}[Conv]"].iloc[0]
         assert _rel_close(row["Output SNR"], h["SNR"]), (node, row["Output SNR"], h["SNR"])
         assert _rel_close(row["Output Cosine"], h["Cosine"])
@@ -192,8 +194,68 @@ def test_isolated_report_one_row_per_compute_node(ws, tmp_path):
     assert "Isolated view" in md and "2 unit(s) analysed" in md
     rows = _md_rows(md)
     for _, r in df.iterrows():
-        assert rows[r["Var"]]["Output SNR"].replace("**", "").replace("⚠", "").strip() == f"{r['Output SNR']:.4f}"
+        # four significant digits: an error ratio of 1e-5 must not print as 0.0000
+        assert rows[r["Var"]]["Output SNR"].replace("**", "").replace("⚠", "").strip() == f"{r['Output SNR']:.4g}"
+    # one column per measure: no "SNR" column repeating Output SNR
+    assert "SNR" not in df.columns and "SNR" not in next(iter(rows.values()))
+    assert "measured at the model outputs: `y`" in md
+    # conv1 reads the model input: the report says where it ranks (1 = largest Output SNR)
+    rank = 1 + (hand["conv2"]["SNR"] > hand["conv1"]["SNR"])
+    assert f"first layers (reading a model input): `conv1` Output SNR {hand['conv1']['SNR']:.4g} (rank {rank} of 2)" in md
     assert paths["png"].read_bytes()[:8] == PNG_SIGNATURE
+
+
+def _plain_run(model: onnx.ModelProto, names: list[str], feed: dict) -> list[np.ndarray]:
+    """onnxruntime with the tensors added as graph outputs by hand (no sensq helper)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
+    return make_session(m).run(names, feed)
+
+
+def test_isolated_error_is_measured_where_the_quantized_region_ends(ws):
+    """With conv2 kept float (a float 'head'), conv1's isolated error is measured at conv2's input r1."""
+    model = ws.builder.model
+    assert region_outputs(model, []) == ["y"]
+    assert region_outputs(model, ["conv2"]) == ["r1"]
+    assert region_outputs(model, ["relu"]) == ["y"]  # a float node mid-graph is not where the quantized region ends
+    plan = ws.base_plan.with_float(["conv2"])
+    feeds = ws.samples(4)
+    df = isolated_errors(ws.builder, plan, {"conv1": ["conv1"]}, feeds, model, progress=False)
+    qmodel = ws.builder.build(plan.with_float(set(ws.builder.node_names) - {"conv1"}))
+    f = [_plain_run(model, ["r1"], feed)[0] for feed in feeds]
+    q = [_plain_run(qmodel, ["r1"], feed)[0] for feed in feeds]
+    h = _measures(q, f)
+    assert h["SNR"] > 0
+    assert _rel_close(df["Output SNR"].iloc[0], h["SNR"]) and _rel_close(df["Output Cosine"].iloc[0], h["Cosine"])
+
+    # the probe on the fully quantized model reads r1 after its DequantizeLinear (what conv2 reads) and y
+    full = ws.build()
+    probe = RegionErrorProbe(model, [], feeds, tensors=["r1", "y"])
+    got = probe(full)
+    qf = [_plain_run(full, [DEQUANTIZED["r1"], "y"], feed) for feed in feeds]
+    ff = [_plain_run(model, ["r1", "y"], feed) for feed in feeds]
+    for i, t in enumerate(["r1", "y"]):
+        assert _rel_close(got["per_tensor"][t], _measures([a[i] for a in qf], [a[i] for a in ff])["SNR"]), t
+    both = _measures([a[i] for a in qf for i in range(2)], [a[i] for a in ff for i in range(2)])
+    assert _rel_close(got["Output SNR"], both["SNR"]) and _rel_close(got["Output Cosine"], both["Cosine"])
+    assert region_output_errors(model, full, feeds, tensors=["r1", "y"])["Output SNR"] == got["Output SNR"]
+
+
+def test_yolov5n_region_outputs_are_the_decode_inputs(yolov5n, coco_dir):
+    """yolov5n with its decode float: the quantized region ends at the three detection convs (box/objectness/class
+    logits), not at the decoded 1x25200x85 output whose box pixels (0-640) would outweigh the class scores."""
+    from sensq.config import InputParams, QuantizeConfig
+    from sensq.quantize import prepare
+
+    ws = prepare(QuantizeConfig(onnx_model=str(yolov5n), calibration_step=2,
+                                inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))]), progress=False)
+    tensors = region_outputs(ws.builder.model, ws.base_plan.float_nodes)
+    assert tensors == [f"/model.24/m.{i}/Conv_output_0" for i in range(3)]
+    got = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(1))(ws.build())
+    assert set(got["per_tensor"]) == set(tensors)
+    assert all(0 < v < 1 for v in got["per_tensor"].values()) and 0 < got["Output SNR"] < 1
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -224,3 +286,41 @@ def test_cli_analyze_data_free(tiny, tmp_path):
     assert not (tmp_path / "real" / "m.isolated_report.md").exists()  # --view cumulative
     csv = pd.read_csv(out / "m.q_report.csv")
     assert len(csv) == 7 and np.isfinite(csv["SNR"]).all()
+
+
+def test_reports_show_raw_pixel_input_and_first_layer(tmp_path):
+    """A model fed raw 0-255 pixels (mean 0, std 1, no normalisation in the graph): both reports state the input
+    range and the overflow fix in use, the isolated report where the first layer ranks."""
+    import cv2
+
+    from sensq.config import config_from_dict
+    from sensq.quantize import prepare
+    from sensq.targets import cpu_needs_reduced_range
+    from tiny_models import conv_relu_conv
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(12)
+    for i in range(3):
+        img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img[0, 0], img[0, 1] = 0, 255
+        cv2.imwrite(str(calib / f"{i}.png"), img)
+    cfg = config_from_dict({
+        "model_parameters": {"onnx_model": str(conv_relu_conv(tmp_path / "m.onnx")), "working_dir": str(tmp_path / "out"),
+                             "skip_onnxsim": True},
+        "calibration_parameters": {"calibration_step": 3, "input_parametres": [
+            {"mean_value": [0, 0, 0], "std_value": [1, 1, 1], "color_format": "bgr", "data_list_path": str(calib)}]},
+        "quantization_parameters": {"analysis_enable": False}})
+    cfg.cache_dir = str(tmp_path / "cache")
+    ws = prepare(cfg, progress=False)
+    assert (ws.stats.tensors["x"].min, ws.stats.tensors["x"].max) == (0.0, 255.0)
+    iso, _ = isolated_report(ws, tmp_path / "raw", n_samples=3, progress=False)
+    cum = cumulative_report(ws, tmp_path / "raw", n_samples=3, progress=False)
+    fix = "first_layer" if cpu_needs_reduced_range() else "none"
+    for md in (iso["md"].read_text(encoding="utf-8"), cum["md"].read_text(encoding="utf-8")):
+        assert "model input `x` observed range [0, 255] (raw 0-255 values" in md
+        assert f"1 first layer(s) read a model input; overflow_fix={fix}" in md
+    df = pd.read_csv(iso["csv"])
+    snr = dict(zip(df["Op"], df["Output SNR"]))
+    rank = 1 + (snr["conv2[Conv]"] > snr["conv1[Conv]"])
+    assert f"`conv1` Output SNR {snr['conv1[Conv]']:.4g} (rank {rank} of 2)" in iso["md"].read_text(encoding="utf-8")

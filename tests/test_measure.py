@@ -14,9 +14,18 @@ Q = [1.0, 2.0, 3.0]
 # q - f = [0, 0, 1]  -> ||q-f||^2 = 1,  ||f||^2 = 1 + 4 + 4 = 9,  q.f = 1 + 4 + 6 = 11,  ||q||^2 = 1 + 4 + 9 = 14
 
 
-def test_constants():
-    assert SNR_FLAG == 0.1
-    assert COSINE_FLAG == 0.99
+def test_flag_thresholds_are_the_documented_ones():
+    """The README tells users which rows are flagged; the constants must say the same."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snr_doc = re.search(r"(?:SNR|rows)\s*>\s*([0-9.]*[0-9])", readme)
+    cos_doc = re.search(r"Cosine\s*<\s*([0-9.]*[0-9])", readme)
+    assert snr_doc and cos_doc, "README no longer states the flag thresholds"
+    assert (SNR_FLAG, COSINE_FLAG) == (float(snr_doc.group(1)), float(cos_doc.group(1)))
+    # the SNR threshold is noise at a tenth of the signal power: 10 dB SQNR (by hand: -10 log10 0.1)
+    assert sqnr_db(SNR_FLAG) == pytest.approx(10.0)
 
 
 def test_snr_is_noise_to_signal_ratio():

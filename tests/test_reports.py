@@ -73,16 +73,16 @@ def test_markdown_numbers_match_hand_computation(small_df, tmp_path):
     assert len(rows) == 4
     a, b, c, d = rows
     assert a["SNR"] == f"**{1 / 9:.4f}** ⚠" == "**0.1111** ⚠"
-    assert a["MSE"] == "0.3333"
+    assert a["MSE"] == "0.3333"  # four significant digits
     assert a["Cosine"] == f"**{11 / (3 * math.sqrt(14)):.4f}** ⚠" == "**0.9800** ⚠"
     assert a["SQNR dB"] == f"{10 * math.log10(9):.2f}"
     assert a["Q.MinMax"] == "1.000,3.000" and a["F.MinMax"] == "1.000,2.000"
     assert a["F.Hist"] == ",".join(["1"] + ["0"] * 30 + ["2"])
-    assert (b["SNR"], b["MSE"], b["Cosine"], b["SQNR dB"]) == ("0.0000", "0.0000", "1.0000", "inf")
+    assert (b["SNR"], b["MSE"], b["Cosine"], b["SQNR dB"]) == ("0", "0", "1.0000", "inf")
     assert b["Var"] == "model.B.weight[Constant]"
-    assert (c["SNR"], c["MSE"]) == ("0.0900", "0.0225")
+    assert (c["SNR"], c["MSE"]) == ("0.09", "0.0225")
     assert c["Cosine"] == f"**{1 / math.sqrt(1.09):.4f}** ⚠" == "**0.9578** ⚠"
-    assert (d["SNR"], d["MSE"], d["Cosine"]) == ("0.0100", "0.0200", f"{4 / (2 * math.sqrt(4.04)):.4f}")
+    assert (d["SNR"], d["MSE"], d["Cosine"]) == ("0.01", "0.02", f"{4 / (2 * math.sqrt(4.04)):.4f}")
     assert "**2 of 4 rows flagged**" in md
     assert "noise-to-signal" in md and "0.1" in md and "0.99" in md
 
@@ -111,7 +111,7 @@ def test_flags_agree_between_md_and_csv_at_thresholds(tmp_path):
     rows = md_table(paths["md"].read_text(encoding="utf-8"))
     assert [r["SNR"].endswith("⚠") for r in rows] == EXPECTED_SNR_FLAG
     assert [r["Cosine"].endswith("⚠") for r in rows] == EXPECTED_COS_FLAG
-    assert rows[0]["SNR"] == "0.1000" and rows[2]["SNR"] == "**0.1001** ⚠"
+    assert rows[0]["SNR"] == "0.1" and rows[2]["SNR"] == "**0.1001** ⚠"
     assert rows[4]["SNR"] == "**inf** ⚠"
     csv = pd.read_csv(paths["csv"])
     assert list(csv["SNR_flag"]) == EXPECTED_SNR_FLAG
@@ -161,14 +161,26 @@ def test_isolated_view_and_missing_columns(tmp_path):
     assert "|  | Op | Var | SNR | Output SNR | Output Cosine | Scale |" in md  # xquant order, then extras
     assert "- only one layer quantized" in md
     rows = md_table(md)
-    assert [r["Output SNR"] for r in rows] == ["0.1000", "**0.1001** ⚠", "0.0200"]
-    assert [r["SNR"] for r in rows] == ["0.0100", "0.0100", "**0.5000** ⚠"]
+    assert [r["Output SNR"] for r in rows] == ["0.1", "**0.1001** ⚠", "0.02"]
+    assert [r["SNR"] for r in rows] == ["0.01", "0.01", "**0.5** ⚠"]
     assert list(flagged(df)) == [False, True, True]
     csv = pd.read_csv(paths["csv"])
     assert list(csv["Output_SNR_flag"]) == [False, True, False]
     assert list(csv["Cosine_flag"]) == [False, False, False]  # no Cosine column: schema kept, nothing flagged
     assert list(csv["flagged"]) == [False, True, True]
     assert_valid_png(paths["png"])
+
+
+def test_small_errors_keep_their_magnitude(tmp_path):
+    """yolov5n's isolated rows are all far below 1e-4: four significant digits, never 0.0000."""
+    df = pd.DataFrame({"Op": ["/a/Conv[Conv]", "/b/Conv[Conv]"], "Var": ["/a/out", "/b/out"],
+                       "Output SNR": [1.23456e-5, 2.5e-9], "Output SQNR_dB": [-10 * math.log10(1.23456e-5), 86.02],
+                       "Output Cosine": [0.999999, 1.0]})
+    md = write_layer_report(df, tmp_path / "s", "small", "isolated")["md"].read_text(encoding="utf-8")
+    rows = md_table(md)
+    assert [r["Output SNR"] for r in rows] == ["1.235e-05", "2.5e-09"]
+    assert rows[0]["Output SQNR_dB"] == "49.08"  # by hand: -10 log10(1.23456e-5) = 49.0849
+    assert "- `/a/out` Output SNR 1.235e-05" in md and "0.0000" not in md.split("## All rows")[0]
 
 
 def synthetic_layers(n: int, seed: int = 0) -> pd.DataFrame:
@@ -347,7 +359,7 @@ def test_layer_report_flags_exactly_the_rows_over_thresholds(tmp_path):
     rows = md_table(paths["md"].read_text(encoding="utf-8"))
     assert [r["Var"] for r in rows] == ["ok_out", "just_below_out", "just_above_out", "neg_out"]
     assert [any("⚠" in cell for cell in r.values()) for r in rows] == expected
-    assert rows[2]["SNR"] == f"**{df.loc[2, 'SNR']:.4f}** ⚠" and rows[0]["MSE"] == f"{df.loc[0, 'MSE']:.4f}"
+    assert rows[2]["SNR"] == f"**{df.loc[2, 'SNR']:.4g}** ⚠" and rows[0]["MSE"] == f"{df.loc[0, 'MSE']:.4g}"
     csv = pd.read_csv(paths["csv"])
     assert list(csv["SNR_flag"] | csv["Cosine_flag"]) == expected
     assert csv["SNR"].tolist() == pytest.approx(df["SNR"].tolist())

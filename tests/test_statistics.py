@@ -245,6 +245,27 @@ def test_float_activation_names_and_augmented_model(tmp_path):
     assert [o.name for o in model.graph.output] == ["y"], "augmented_model must not modify its input"
 
 
+def _run_with_outputs(model: onnx.ModelProto, names: list[str], feed: dict) -> dict[str, np.ndarray]:
+    """Plain onnxruntime with the tensors added as graph outputs (no sensq code involved)."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in {o.name for o in m.graph.output})
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, feed)))
+
+
+def _hand_histogram(values: np.ndarray) -> tuple[float, np.ndarray]:
+    """Histogram of |x| per sign over [0, R), R the smallest power of two above max|x|, binned with np.histogram."""
+    H = sstats.BINS_PER_SIGN
+    v = values.astype(np.float64).ravel()
+    scale = float(2.0 ** (np.floor(np.log2(np.abs(v).max())) + 1))
+    pos, _ = np.histogram(v[v >= 0], bins=H, range=(0.0, scale))
+    neg, _ = np.histogram(-v[v < 0], bins=H, range=(0.0, scale))
+    return scale, np.concatenate([pos, neg])
+
+
 def test_collect_observes_every_activation(tmp_path):
     model = onnx.load(str(conv_relu_conv(tmp_path / "m.onnx")))
     rng = np.random.default_rng(0)
@@ -252,16 +273,72 @@ def test_collect_observes_every_activation(tmp_path):
     cs = sstats.collect(model, iter(feeds), 3, progress=False)
     assert cs.n_samples == 3
     assert set(cs.tensors) == {"x", "c1", "r1", "y"}
-    allx = np.concatenate([f["x"].ravel() for f in feeds])
-    assert cs.tensors["x"].min == allx.min() and cs.tensors["x"].max == allx.max()
-    assert cs.tensors["y"].count == 3 * 2 * 8 * 8
-    # every input value is observed once: the graph input is both in the feed and (augmented) a model output
-    assert cs.tensors["x"].count == allx.size, "graph input observed twice (from the feed and as an added output)"
-    assert cs.tensors["x"].hist.sum() == allx.size
-    assert cs.tensors["r1"].min >= 0.0  # after Relu
-    # relu(c1) == r1, so their positive halves coincide exactly
-    H = sstats.BINS_PER_SIGN
-    c1, r1 = cs.tensors["c1"], cs.tensors["r1"]
-    if c1.scale == r1.scale:
-        assert np.array_equal(c1.hist[:H][1:], r1.hist[:H][1:])
-    assert r1.max == pytest.approx(max(0.0, c1.max))
+    # every tensor against its values from plain onnxruntime, histogrammed by np.histogram
+    values = {t: [] for t in ("x", "c1", "r1", "y")}
+    for feed in feeds:
+        out = _run_with_outputs(model, ["c1", "r1", "y"], feed)
+        out["x"] = feed["x"]
+        for t in values:
+            values[t].append(out[t])
+    for t, vs in values.items():
+        v = np.concatenate([a.ravel() for a in vs])
+        st = cs.tensors[t]
+        assert (st.min, st.max, st.count) == (float(v.min()), float(v.max()), v.size), t
+        scale, hist = _hand_histogram(v)
+        assert st.scale == scale, t
+        assert np.array_equal(st.hist, hist), t
+    assert np.array_equal(np.maximum(np.concatenate([a.ravel() for a in values["c1"]]), 0),
+                          np.concatenate([a.ravel() for a in values["r1"]]))  # the reference itself is sane
+
+
+def _relu_model(path: Path, shape: tuple[int, ...]) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _shares(st: TensorStats, labels: np.ndarray) -> np.ndarray:
+    """Share of the sampled values per label, for a tensor whose values are the labels (small integers)."""
+    counts = np.array([st.hist[int(v * sstats.BINS_PER_SIGN / st.scale)] for v in labels], np.float64)
+    return counts / st.hist.sum()
+
+
+@pytest.mark.parametrize("shape,axis", [((1, 3, 80, 80, 85), -1), ((1, 224, 224, 3), -1), ((1, 16, 160, 160), 1)])
+def test_sample_covers_every_channel_and_column(tmp_path, shape, axis):
+    """A tensor whose value is its index along one axis: every index must be sampled about equally often, by the
+    observer graph (activations) and by the numpy path (model inputs) alike.
+
+    The old stride (size / SAMPLE_CAP rounded up) aliased: 25 on 1x3x80x80x85 saw every 5th of the 85 columns,
+    3 on 1x224x224x3 (NHWC RGB) saw one channel."""
+    n = shape[axis]
+    index = np.arange(n, dtype=np.float32).reshape([-1 if a == (axis % len(shape)) else 1 for a in range(len(shape))])
+    x = np.broadcast_to(index + 1.0, shape).astype(np.float32)  # values 1..n (0 would share a bin with nothing else)
+    assert x.size > 2 * sstats.SAMPLE_CAP
+    cs = sstats.collect(_relu_model(tmp_path / "m.onnx", shape), iter([{"x": x}]), 1, progress=False)
+    labels = np.arange(1, n + 1, dtype=np.float64)
+    for name in ("x", "y"):  # x: the feed (numpy sample), y: the Relu output (in-graph sample)
+        st = cs.tensors[name]
+        assert st.count == x.size and st.hist.sum() <= sstats.SAMPLE_CAP
+        shares = _shares(st, labels)
+        assert shares.sum() == pytest.approx(1.0)  # every sampled value is one of the labels
+        assert shares.min() > 0.9 / n and shares.max() < 1.1 / n, (name, shares.min() * n, shares.max() * n)
+
+
+def test_observer_graph_sample_is_the_numpy_sample(tmp_path):
+    """The in-graph Reshape/Slice sample and sample_values() pick the same values (by position, on random data)."""
+    shape = (1, 3, 80, 80, 85)
+    obs, plan = sstats.observer_model(_relu_model(tmp_path / "m.onnx", shape), ["y"])
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    mn, mx, sample, size = plan["y"]
+    got = _run_with_outputs(obs, [mn, mx, sample], {"x": x})
+    y = np.maximum(x, 0).ravel()
+    assert size == y.size and float(got[mn]) == y.min() and float(got[mx]) == y.max()
+    assert np.array_equal(got[sample].ravel(), sstats.sample_values(y))
+    # by hand: 1632000 = 2^8 * 3 * 5^3 * 17 values; 1632000 / 65536 -> 25 shares 5, 26 and 28 share 2, 27 shares 3: 29
+    assert sstats.sample_step(y.size) == 29
+    assert np.array_equal(got[sample], y[::29]) and got[sample].size == 56276
