@@ -88,6 +88,12 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
     lines += [f"* recommended: {summary['recommendation_rule']}" if summary.get("recommended_trial") is not None
               else f"no recommended point: no front point is within {summary['max_drop']} of FP32 on the search split"]
     lines += summary.get("neighbours", [])
+    if summary.get("slower_than_fp32"):
+        lines.append(f"float islands cost more than INT8 saves (slower than FP32, interval above 1x): trials "
+                     f"{', '.join(map(str, summary['slower_than_fp32']))} (unfused Q/DQ per trial: trials.csv)")
+    if len(summary.get("machines", [])) > 1:
+        lines.append(f"latency was measured on {len(summary['machines'])} machines: ratios are paired per machine, "
+                     "compare them, not the ms")
     lines.append(f"{summary['distinct_plans']} distinct plans scored ({summary['strategy']}), {summary['repeats']} repeated "
                  f"proposals skipped, {summary['pruned']} stopped after {summary['low_fidelity']} of "
                  f"{summary['search_samples']} search samples (~{summary['saved_seconds_estimate']:.0f} s saved); "

@@ -143,6 +143,9 @@ def write_trials_csv(recs: list[TrialRecord], path) -> object:
                     "ratio": lat.get("ratio"), "ratio_lo": (lat.get("ratio_ci") or [None, None])[0],
                     "ratio_hi": (lat.get("ratio_ci") or [None, None])[1], "latency_value": lat.get("value"),
                     "latency_unit": lat.get("unit"), "cost_proxy": r.cost_proxy, "float_groups": ";".join(r.float_groups),
+                    "unfused_island_q": (lat.get("fusion") or {}).get("island_q"),
+                    "unfused_island_dq": (lat.get("fusion") or {}).get("island_dq"),
+                    "casts_added": (lat.get("fusion") or {}).get("casts_added"),
                     "method": r.plan["method"], "per_channel": r.plan["per_channel"],
                     "overflow_fix": r.plan["overflow_fix"], "plan_key": r.plan_key, "structure_key": r.structure_key,
                     "seconds": sum(r.seconds.values())})
@@ -171,4 +174,7 @@ def _summary(run, recs, rows, front, rec) -> dict:
         "stage_seconds": dict(run.stage_seconds), "fp32_ms_this_run": run.fp32_latency.value,
         "fp32_spread_this_run": run.fp32_latency.spread, "sensitivity_notes": run.sens.notes,
         "proxy_agreement": run.sens.proxy_agreement if math.isfinite(run.sens.proxy_agreement) else None,
+        # float islands whose conversions cost more than INT8 saves: measured slower than FP32 with confidence
+        "slower_than_fp32": [r.number for r in recs if r.full and r.latency["ratio_ci"][0] > 1.0],
+        "machines": sorted({r.latency["machine_id"] for r in recs if r.latency}),
     }

@@ -7,6 +7,7 @@ import datetime as _dt
 import time
 
 from ..latency import bops, measure_paired, structure_key
+from ..latency.fusion import fusion_report
 from ..plan import PrecisionPlan
 from ..runtime import make_session
 from .fidelity import prune_decision
@@ -64,6 +65,8 @@ class TrialEvaluator:
         value = {**lat.to_dict(), "machine_id": run.machine["machine_id"], "run_id": run.run_id,
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         value.pop("details", None)
+        if run.backend.name == "ort":  # what ORT left unfused: the conversions a float island costs on every run
+            value["fusion"] = fusion_report(model, reference=run.ws.model)
         run.book.put(key, value)
         return value
 
