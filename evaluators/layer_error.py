@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from tqdm import tqdm
 
 from sensq.evaluators import measure
+from sensq.model import shield_float_nodes
 from sensq.runtime import make_session
 from sensq.statistics import augmented_model
 
@@ -258,7 +259,10 @@ def isolated_errors(builder, base_plan, units: dict[str, list[str]], feeds: list
     nodes = {n.name: n for n in float_model.graph.node}
     rows = []
     for label, members in tqdm(units.items(), desc="isolated error", unit="layer", disable=not progress, leave=False):
-        errors = probe(builder.build(base_plan.with_float(all_nodes - set(members))))
+        plan = base_plan.with_float(all_nodes - set(members))
+        qmodel = builder.build(plan)
+        shield_float_nodes(qmodel, plan.float_nodes)  # else ORT re-quantizes the float convs' weights per tensor
+        errors = probe(qmodel)
         errors.pop("per_tensor")
         first = nodes.get(members[0])
         rows.append({"Op": _node_label(first) if len(members) == 1 and first is not None else f"{label}[{len(members)} nodes]",
@@ -267,14 +271,12 @@ def isolated_errors(builder, base_plan, units: dict[str, list[str]], feeds: list
 
 
 def compute_units(graph, plan, by: str = "node", depth: int = 1, op_types=COMPUTE_OPS) -> dict[str, list[str]]:
-    """Quantizable units for the isolated view: each compute node, or nodes grouped by module prefix."""
-    from sensq.model import group_name
+    """Quantizable units for the isolated view: each compute node, or layer groups (module prefixes when node names
+    carry them, else graph structure; see sensq.grouping)."""
+    from sensq.grouping import layer_groups
 
     floating = set(plan.float_nodes)
     names = [n for n, node in graph.nodes.items() if n not in floating and (by == "group" or node.op_type in op_types)]
     if by == "node":
         return {n: [n] for n in names}
-    units: dict[str, list[str]] = {}
-    for n in names:
-        units.setdefault(group_name(n, depth), []).append(n)
-    return units
+    return layer_groups(graph, names, "auto", depth)

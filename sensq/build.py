@@ -44,9 +44,9 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         from onnx import version_converter
 
         m = version_converter.convert_version(m, 13)
-    for i, node in enumerate(m.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
+    from .model import name_nodes
+
+    name_nodes(m)  # also names nodes the opset converter added, never reusing a taken name
     return onnx.shape_inference.infer_shapes(m)
 
 
@@ -250,7 +250,10 @@ class QDQBuilder:
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         act = QuantType.QUInt8 if target.activation_type == "uint8" else QuantType.QInt8
-        extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True}
+        extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
+                 "QuantizeBias": target.quantize_bias}
+        if target.no_output_quantization:  # TensorRT / NNCF place Q/DQ on inputs only
+            extra["OpTypesToExcludeOutputQuantization"] = list(target.no_output_quantization)
         fix = plan.overflow_fix or target.overflow_fix
         if fix == "first_layer":
             # An override without "axis" makes onnxruntime quantize the weight per tensor: give the axis only when

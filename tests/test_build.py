@@ -44,6 +44,9 @@ def _stock_build(builder: QDQBuilder, plan: PrecisionPlan, first_convs: list[str
     # 7-bit weights: none on CPUs with VNNI (this rule is the target's), first_layer / all when the plan says so
     fix = plan.overflow_fix
     extra = {"ActivationSymmetric": int8_activations, "WeightSymmetric": True}
+    if int8_activations:  # TensorRT takes float biases and Q/DQ on layer inputs only (Model Optimizer's placement)
+        extra["QuantizeBias"] = False
+        extra["OpTypesToExcludeOutputQuantization"] = list(get_target("tensorrt").no_output_quantization)
     if fix == "first_layer":
         weights = {n.input[1] for n in builder.model.graph.node if n.name in first_convs}
         extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, "axis": 0} if plan.per_channel else {"reduce_range": True}]

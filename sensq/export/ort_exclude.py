@@ -120,7 +120,9 @@ def settings(ws, plan, float_model: str) -> dict:
         "op_types_to_quantize": list(target.resolved_op_types()),
         "calibrate_method": "MinMax",
         "extra_options": {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
-                          "TensorQuantOverrides": overrides},
+                          "QuantizeBias": target.quantize_bias, "TensorQuantOverrides": overrides,
+                          **({"OpTypesToExcludeOutputQuantization": list(target.no_output_quantization)}
+                             if target.no_output_quantization else {})},
     }
     caveats = [
         "model_input is the float graph sensq quantized (onnxslim-simplified, opset >= 13, unnamed nodes named "
