@@ -40,7 +40,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q = p.add_argument_group("quantization")
     q.add_argument("--method", help="range method: default, minmax, percentile, kl, mse (xquant calibration_type)")
     q.add_argument("--percentile", type=float, help="percentile for --method percentile, e.g. 99.99 (0.9999 also accepted)")
-    q.add_argument("--target", help="deployment target: ort-cpu (default), openvino-cpu, tensorrt")
+    q.add_argument("--target", help="deployment target: ort-cpu (default), openvino-cpu, tensorrt (aliases trt, openvino); "
+                                    "sets activation type, INT8 op set, overflow fix and the default --latency")
     q.add_argument("--activation-type", choices=["uint8", "int8"], help="override the target's activation type")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     q.add_argument("--overflow-fix", choices=["first_layer", "all", "none"],
@@ -163,7 +164,11 @@ def cmd_export(args) -> int:
 
     out = args.output or f"{Path(args.workdir).name}.trial{args.trial if args.trial is not None else 'best'}{SUFFIXES[args.format]}"
     info = export_trial(args.workdir, args.trial, out, args.format, progress=not args.quiet)
-    print(f"wrote {info['output']} (trial {info['trial']})")
+    print(f"wrote {info['output']} ({info['summary']})")
+    for f in info.get("files", [])[1:]:
+        print(f"  and {f}")
+    if info.get("consumer"):
+        print(f"  for {info['consumer']}")
     for note in info.get("notes", []):
         print(f"  {note}")
     return 0

@@ -2,7 +2,8 @@
 as many as a time budget allows.
 
 1. Proxy, every group: that group alone quantized (the rest float), SNR = ||q - f||^2 / ||f||^2 at the quantized
-   region's outputs (the tensors the float head reads, else the model outputs) on a few calibration samples.
+   region's outputs (the tensors the float head reads, after their Q/DQ, else the model outputs) on a few
+   calibration samples (evaluators/layer_error.RegionErrorProbe).
 2. Task metric, the groups the proxy ranks worst first, while `budget_seconds` allows: the default INT8 model with
    that group float, scored on the given samples (leave-one-out). Every such model is a plan the search can start
    from; its per-sample results stay in the scorer's store.
@@ -98,45 +99,6 @@ class SensitivityResult:
                    d.get("budget_seconds"), d.get("notes", []))
 
 
-def region_outputs(ws) -> list[str]:
-    """Tensors where the quantized region ends: read by the base plan's float nodes (e.g. a detector's decode) or
-    model outputs produced outside it. Errors there are not swamped by a float head's box pixel coordinates."""
-    floating = set(ws.base_plan.float_nodes)
-    graph = ws.builder.model.graph
-    producer = {o: n.name for n in graph.node for o in n.output}
-    outs = []
-    for node in graph.node:
-        if node.name in floating:
-            outs += [x for x in node.input if x in producer and producer[x] not in floating]
-    outs += [o.name for o in graph.output if producer.get(o.name) not in floating]
-    return list(dict.fromkeys(outs))
-
-
-class _ProxyProbe:
-    """Float reference activations at the region outputs, computed once; SNR of a quantized model against them."""
-
-    def __init__(self, ws, n_samples: int):
-        from .runtime import make_session
-        from .statistics import augmented_model
-
-        self.tensors = region_outputs(ws)
-        self.feeds = ws.samples(n_samples)
-        sess = make_session(augmented_model(ws.builder.model, self.tensors))
-        self.reference = [sess.run(self.tensors, f) for f in self.feeds]
-
-    def snr(self, qmodel) -> float:
-        from .evaluators.layer_error import ErrorAccumulator
-        from .runtime import make_session
-        from .statistics import augmented_model
-
-        sess = make_session(augmented_model(qmodel, self.tensors))
-        acc = ErrorAccumulator()
-        for feed, ref in zip(self.feeds, self.reference):
-            for q, f in zip(sess.run(self.tensors, feed), ref):
-                acc.add(q, f)
-        return float(acc.row()["SNR"])
-
-
 def sensitivity_key(ws, evaluator, indices, depth, by, budget_seconds, proxy_samples) -> str:
     idx = hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:12]
     raw = json.dumps([ws.stats.key, ws.base_plan.key(), evaluator_signature(evaluator), idx, depth, by,
@@ -168,12 +130,14 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
     int8 = scorer.score(int8_model, model_hash(int8_model), indices)
     int8_value = int8.value(indices)
 
-    probe = _ProxyProbe(ws, proxy_samples)
+    from .evaluators.layer_error import RegionErrorProbe
+
+    probe = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(proxy_samples))
     quantizable = {n for nodes in groups.values() for n in nodes}
     rows = {}
     for g, nodes in tqdm(groups.items(), desc="sensitivity: proxy", unit="group", disable=not progress, leave=False):
         isolated = ws.build(ws.base_plan.with_float(quantizable - set(nodes)))  # only this group quantized
-        snr = probe.snr(isolated)
+        snr = float(probe(isolated)["Output SNR"])
         rows[g] = {"group": g, "n_nodes": len(nodes), "proxy_snr": snr,
                    "proxy_sqnr_db": float(-10 * np.log10(snr)) if snr > 0 else float("inf"),
                    "metric": np.nan, "delta": np.nan, "scored_by": "proxy", "model_hash": None}
