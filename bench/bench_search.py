@@ -1,84 +1,209 @@
-"""The budget-50 mixed-precision searches of the acceptance criteria, timed end to end from an empty cache.
+"""sensq's search against the obvious baselines, side by side in one run, with the CLI's defaults.
 
-    python bench/bench_search.py --model yolov5n|efficientnet [--budget 50] [--latency ort:spinning=true]
+    python bench/bench_search.py [--model yolov5n efficientnet] [--budget 50] [--strategies tpe greedy random]
+                                 [--repeat] [--confirm 0.5]
 
-Wall time includes calibration, sensitivity and every trial. Writes bench/results/search_<model>.json and the run
-directory bench/results/search_<model>/ (pareto.png, pareto.md, sensitivity.md, ...).
+For each model, one calibration (timed) and then each strategy as its own study with its own per-sample store (so
+its wall time is what it costs alone), all sharing one latency book (a graph structure measured once is the same
+number for every strategy) on the same split, evaluator, backend and seed:
+  tpe     sensq's search (TPE warm-started from the sensitivity pass, sound pruning)
+  greedy  float groups added one at a time in sensitivity order, each scored in full (AIMET AMP / NNCF style)
+  random  Optuna's RandomSampler on the same space and budget
+Reported per strategy, on the held-out confirm split: the hypervolume of the front formed by its first 10, 20 and
+`budget` plans in (latency ratio to FP32, metric) against the reference point (1.0, FP32 confirm metric - 0.03);
+wall time; plans until the first one faster than FP32 within 0.005 of it (search split); repeats; false prunes
+(every stopped trial is scored in full afterwards: would it have joined the front?). --repeat runs tpe a second
+time with fresh latency measurements and stores: shared plans must agree within their intervals.
+Writes bench/results/search_bench.json with every trial's record (raw numbers to recheck any claim).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_quantize import COCO, IMNET, RESULTS, YOLO, effnet_config, yolo_config  # noqa: E402
+import numpy as np
 
-# Peer results on yolov5n (mAP50-95, ms) from the issue, measured on this machine type with 2 threads.
-PEERS = {"ORT quantize_static MinMax": (0.2652, 26.5), "NNCF PTQ": (0.2894, 48.7),
-         "NNCF accuracy control": (0.2998, 54.2)}
-PEER_FP32_MS = 32.0
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("SENSQ_DATA", REPO.parent / "shared" / "data"))
+RESULTS = REPO / "bench" / "results"
+MODELS = {"yolov5n": DATA / "models" / "yolov5n.onnx", "efficientnet": DATA / "imagenet" / "efficientnet_lite0.onnx"}
+BUDGETS = (10, 20, 50)
+HV_MARGIN = 0.03
+
+
+def prepare(model: str, cache: Path):
+    from sensq.defaults import setup
+
+    t0 = time.perf_counter()
+    cfg, ws, ev = setup(progress=False, model=str(MODELS[model]), cache_dir=str(cache / "calib"))
+    return ws, ev, time.perf_counter() - t0
+
+
+def run_strategy(ws, ev, strategy: str, args, cache: Path, workdir: Path, book):
+    from sensq.search import SearchSettings, SearchRun
+
+    ws.cfg.cache_dir = str(cache / f"store-{workdir.name}")  # its own per-sample store: it pays for what it scores
+    settings = SearchSettings(budget=args.budget, workdir=str(workdir), seed=args.seed, strategy=strategy,
+                              confirm=args.confirm)
+    run = SearchRun(ws, ev, settings, progress=False, book=book)
+    result = run.run()
+    return run, result
+
+
+def confirm_metric(run, rec) -> dict:
+    """Confirm-split metric and paired difference to FP32 of a trial (scored now if the search did not)."""
+    from sensq.evaluators.samples import PairedBootstrap
+    from sensq.plan import PrecisionPlan
+
+    idx = run.split.confirm
+    samples = run.store.get(rec.model_hash)
+    if samples is None or not samples.has(idx):
+        samples = run.scorer.score(run.ws.build(PrecisionPlan.from_dict(rec.plan)), rec.model_hash, idx)
+    boot = PairedBootstrap(idx, 1000, run.settings.seed)
+    d = boot.difference(samples, run.store.get(run.fp32_hash))
+    return {"metric": samples.value(idx), "d_fp32": d.value, "d_fp32_lo": d.lo, "d_fp32_hi": d.hi}
+
+
+def budget_curve(run, recs) -> dict:
+    """Hypervolume on the confirm split of the front of the first b counted plans, for each b."""
+    from sensq.search.pareto import front_indices, hypervolume
+    from sensq.search.results import full_records
+
+    fp32_confirm = run.store.get(run.fp32_hash).value(run.split.confirm)
+    ref = fp32_confirm - HV_MARGIN
+    counted = [r for r in recs if r.source != "sensitivity"]
+    out = {}
+    for b in BUDGETS:
+        first = full_records(counted[:b])
+        idx = front_indices([r.metric for r in first], [r.ratio for r in first], [r.number for r in first])
+        front = [first[i] for i in idx]
+        conf = [confirm_metric(run, r)["metric"] for r in front]
+        out[b] = {"plans": min(b, len(counted)), "front": [r.number for r in front],
+                  "hv_confirm": hypervolume(conf + [fp32_confirm], [r.ratio for r in front] + [1.0], ref, 1.0),
+                  "hv_search": hypervolume([r.metric for r in front], [r.ratio for r in front], run.fp32.value(run.split.search) - HV_MARGIN, 1.0)}
+    return out
+
+
+def first_good(run, recs) -> int | None:
+    """Counted plans until the first faster than FP32 (ratio < 1) within 0.005 of FP32 on the search split."""
+    fp32 = run.fp32.value(run.split.search)
+    for i, r in enumerate([r for r in recs if r.source != "sensitivity"], start=1):
+        if r.full and r.ratio < 1.0 and r.metric >= fp32 - 0.005:
+            return i
+    return None
+
+
+def false_prunes(run, recs) -> list[dict]:
+    """Score every stopped trial in full; list those that would have joined the front, with their intervals."""
+    from sensq.evaluators.samples import PairedBootstrap
+    from sensq.plan import PrecisionPlan
+    from sensq.search.pareto import front_indices
+    from sensq.search.results import full_records
+
+    full = full_records(recs)
+    boot = PairedBootstrap(run.split.search, 1000, run.settings.seed)
+    out = []
+    for r in [r for r in recs if r.pruned]:
+        qmodel = run.ws.build(PrecisionPlan.from_dict(r.plan))
+        samples = run.scorer.score(qmodel, r.model_hash, run.split.search)
+        lat = run.evaluate_trial.latency(qmodel, r.structure_key)
+        metric = samples.value(run.split.search)
+        pts = [(x.metric, x.ratio) for x in full] + [(run.fp32.value(run.split.search), 1.0), (metric, lat["ratio"])]
+        joins = len(pts) - 1 in front_indices([p[0] for p in pts], [p[1] for p in pts])
+        by = next(x for x in recs if x.number == r.pruned["by"])
+        d = boot.difference(samples, run.store.get(by.model_hash))
+        out.append({"trial": r.number, "full_metric": metric, "ratio": lat["ratio"], "would_join_front": joins,
+                    "pruned_by": by.number, "low_fidelity_diff": r.pruned, "full_diff": [d.value, d.lo, d.hi]})
+    return out
+
+
+def summarize(model, strategy, run, result, recs, wall) -> dict:
+    from dataclasses import asdict
+
+    fronts = budget_curve(run, recs)
+    prunes = false_prunes(run, recs)
+    return {"model": model, "strategy": strategy, "wall_s": wall, "stage_s": result.stage_seconds,
+            "plans": result.summary["distinct_plans"], "repeats": result.repeats, "pruned": result.summary["pruned"],
+            "false_prunes": [p for p in prunes if p["would_join_front"]], "prunes": prunes,
+            "first_good": first_good(run, recs), "curve": fronts, "recommended": result.summary["recommended_trial"],
+            "front": result.front, "fp32_ms_this_run": result.summary["fp32_ms_this_run"],
+            "machine": result.summary["machine"], "records": [asdict(r) for r in recs]}
+
+
+def agreement(a: dict, b: dict) -> dict:
+    """Two runs of the same command: do shared plans agree within their intervals?"""
+    ra = {r["plan_key"]: r for r in a["records"] if r["latency"]}
+    rb = {r["plan_key"]: r for r in b["records"] if r["latency"]}
+    shared = sorted(set(ra) & set(rb))
+    metric_equal = all(ra[k]["metric"] == rb[k]["metric"] for k in shared)
+    overlap = [max(ra[k]["latency"]["ratio_ci"][0], rb[k]["latency"]["ratio_ci"][0])
+               <= min(ra[k]["latency"]["ratio_ci"][1], rb[k]["latency"]["ratio_ci"][1]) for k in shared]
+    same_order = [r["plan_key"] for r in a["records"]] == [r["plan_key"] for r in b["records"]]
+    return {"shared_plans": len(shared), "same_plans_same_order": same_order, "metrics_identical": metric_equal,
+            "latency_intervals_overlap": int(sum(overlap)), "latency_intervals_disjoint": int(len(overlap) - sum(overlap))}
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'model':12} {'strategy':8} {'plans':>5} {'HV@10':>9} {'HV@20':>9} {'HV@50':>9} {'wall s':>7} "
+            f"{'1st good':>8} {'pruned':>6} {'false':>5} {'repeats':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        hv = [r["curve"][b]["hv_confirm"] for b in BUDGETS]
+        lines.append(f"{r['model']:12} {r['strategy']:8} {r['plans']:>5} {hv[0]:>9.5f} {hv[1]:>9.5f} {hv[2]:>9.5f} "
+                     f"{r['wall_s']:>7.0f} {str(r['first_good']):>8} {r['pruned']:>6} {len(r['false_prunes']):>5} {r['repeats']:>7}")
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["yolov5n", "efficientnet"], default="yolov5n")
+    ap.add_argument("--model", nargs="+", choices=sorted(MODELS), default=sorted(MODELS, reverse=True))
     ap.add_argument("--budget", type=int, default=50)
-    ap.add_argument("--latency", default="ort:spinning=true",
-                    help="latency backend (spinning on = what a default ORT deployment sees; use on an idle machine)")
+    ap.add_argument("--strategies", nargs="+", default=["tpe", "greedy", "random"])
+    ap.add_argument("--repeat", action="store_true", help="run tpe twice (reproducibility)")
+    ap.add_argument("--confirm", default="0.5", help="held-out part (the shared COCO set has 206 < 400 images)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if not YOLO.is_file():
-        sys.exit("shared data not found (set SENSQ_DATA)")
+    if not all(p.is_file() for p in MODELS.values()):
+        sys.exit(f"shared data not found under {DATA} (set SENSQ_DATA)")
     from sensq.cli import setup_logging
-    from sensq.evaluators import make_evaluator
-    from sensq.quantize import prepare
-    from sensq.search import SearchSettings, run_search
+    from sensq.search import LatencyBook
+    from sensq.search.records import records
 
-    setup_logging(quiet=False)
-    workdir = RESULTS / f"search_{args.model}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as cache:
-        t0 = time.perf_counter()
-        if args.model == "yolov5n":
-            cfg = yolo_config(cache, step=200)  # all 200 calibration images of the shared data
-            ev = make_evaluator(str(COCO), model=str(YOLO))
-        else:
-            cfg = effnet_config(cache)
-            ev = make_evaluator(str(IMNET), model=str(IMNET / "efficientnet_lite0.onnx"), labels=str(IMNET / "images_labels.tsv"),
-                                skip=100, mean=[127] * 3, std=[128] * 3)
-        ws = prepare(cfg, progress=False)
-        settings = SearchSettings(budget=args.budget, workdir=str(workdir), seed=args.seed, latency=args.latency)
-        res = run_search(ws, ev, settings, progress=False)
-        wall = time.perf_counter() - t0
-    front = res.front.to_dict(orient="records")
-    fp32 = res.fp32
-    out = {"model": args.model, "budget": args.budget, "wall_s": wall, "search_s": res.seconds, "fp32": fp32,
-           "calibration_s": ws.calibration_seconds, "sensitivity_s": res.sensitivity.seconds,
-           "pruned": res.pruned, "saved_s": res.saved_seconds, "front": front, "latency_backend": args.latency}
-    print(f"\n{args.model}: budget {args.budget}, wall {wall / 60:.1f} min (calibration {ws.calibration_seconds:.0f} s, "
-          f"sensitivity {res.sensitivity.seconds:.0f} s), {res.pruned} trials pruned (~{res.saved_seconds:.0f} s saved)")
-    if args.model == "yolov5n":
-        within = [r for r in front if r["metric"] >= fp32["metric"] - 0.005 and r["latency_ms"] < fp32["latency_ms"] and r["trial"] >= 0]
-        out["within_0.5_of_fp32_and_faster"] = within[:1]
-        scale = fp32["latency_ms"] / PEER_FP32_MS
-        out["peers"] = {}
-        for name, (m, ms) in PEERS.items():
-            beat_abs = [r["trial"] for r in front if r["metric"] >= m and r["latency_ms"] <= ms]
-            beat_scaled = [r["trial"] for r in front if r["metric"] >= m and r["latency_ms"] <= ms * scale]
-            out["peers"][name] = {"metric": m, "ms": ms, "beaten_by_abs": beat_abs, "beaten_by_scaled": beat_scaled}
-            print(f"{name:28} {m:.4f} @ {ms:5.1f} ms: beaten by trials {beat_abs} (absolute ms), "
-                  f"{beat_scaled} (peer ms scaled by our FP32/peer FP32 = {scale:.2f})")
-        print(f"front point within 0.005 of FP32 and faster than FP32 ({fp32['latency_ms']:.1f} ms): {within[:1] or 'none'}")
-    else:
-        best = max((r for r in front if r["trial"] >= 0), key=lambda r: r["metric"], default=None)
-        out["best_front_point"] = best
-        print(f"best front point: {best}")
-    (RESULTS / f"search_{args.model}.json").write_text(json.dumps(out, indent=1, default=str))
+    setup_logging(quiet=True)
+    rows, repeats = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for model in args.model:
+            ws, ev, calib_s = prepare(model, tmp / model)
+            book = LatencyBook()
+            runs = [(s, s) for s in args.strategies] + ([("tpe", "tpe-again")] if args.repeat else [])
+            for strategy, name in runs:
+                t0 = time.perf_counter()
+                run, result = run_strategy(ws, ev, strategy, args, tmp / model, tmp / model / name,
+                                           LatencyBook() if name == "tpe-again" else book)
+                wall = time.perf_counter() - t0 + (calib_s if name == args.strategies[0] else 0.0)
+                row = summarize(model, name, run, result, records(run.study), wall)
+                rows.append(row)
+                print(f"{model} {name}: {row['plans']} plans in {row['wall_s']:.0f} s, HV@{args.budget} "
+                      f"{row['curve'][BUDGETS[-1]]['hv_confirm']:.5f}", flush=True)
+            if args.repeat:
+                a = next(r for r in rows if r["model"] == model and r["strategy"] == "tpe")
+                b = next(r for r in rows if r["model"] == model and r["strategy"] == "tpe-again")
+                repeats[model] = agreement(a, b)
+    print(table(rows))
+    for model, agree in repeats.items():
+        print(f"{model} reproducibility: {agree}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "search_bench.json"
+    out.write_text(json.dumps({"budget": args.budget, "rows": rows, "reproducibility": repeats,
+                               "hv_reference": f"(ratio 1.0, FP32 confirm metric - {HV_MARGIN})"}, indent=1, default=float))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

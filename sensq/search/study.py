@@ -32,6 +32,7 @@ from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
 from .splits import Split, make_split
 from . import workers
+from .coordination import Coordinator, open_storage
 from .trials import TrialEvaluator
 
 log = logging.getLogger("sensq")
@@ -84,8 +85,15 @@ class SearchRun:
         return records(self.study)
 
     def scored_plans(self) -> dict[str, int]:
-        """plan key -> trial number, for plans scored beyond a warm-start entry (those are repeats if proposed)."""
-        return {r.plan_key: r.number for r in self.records() if r.source != "sensitivity"}
+        """plan key -> trial number, for plans scored beyond a warm-start entry or being scored by a worker right now
+        (those are repeats if proposed)."""
+        return {**self._in_flight(), **{r.plan_key: r.number for r in self.records() if r.source != "sensitivity"}}
+
+    def _in_flight(self, exclude: int | None = None) -> dict[str, int]:
+        """plan key -> trial number of the RUNNING trials that claimed a plan (any worker's, but `exclude`)."""
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        return {t.user_attrs[workers.PLAN_KEY]: t.number for t in running
+                if workers.PLAN_KEY in t.user_attrs and t.number != exclude}
 
     def finished_candidates(self):
         """(number, plan, per-sample results) of full trials: the possible dominators in a pruning decision."""
@@ -128,10 +136,14 @@ class SearchRun:
             self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
         self.low_boot = PairedBootstrap(self.split.low_indices, s.n_boot, s.seed)
         self.fp32_hash = model_hash(self.ws.model)
-        self.fp32 = self.scorer.score(self.ws.model, self.fp32_hash, self.split.search)
         int8_model = self.ws.build()
         self.int8_hash = model_hash(int8_model)
+        self._connect()
+        # scored by the study's first worker (the others wait, then read its per-sample results from the store)
+        self.shared_reference, _ = self.coord.shared("reference", lambda: self._reference_doc(int8_model))
+        self.fp32 = self.scorer.score(self.ws.model, self.fp32_hash, self.split.search)
         self.int8 = self.scorer.score(int8_model, self.int8_hash, self.split.search)
+        self._check_reference()
         self.macs = macs_per_node(self.ws.model)
         self.total_macs = sum(self.macs.values())
         threads = getattr(self.backend, "threads", None)
@@ -140,18 +152,50 @@ class SearchRun:
         with measurement_lock(self.lock_dir):
             self.fp32_latency = self.backend.measure(self.ws.model)  # this run's FP32, for "measured ms (this run)"
 
+    def _reference_doc(self, int8_model) -> dict:
+        split = self.split
+        fp32 = self.scorer.score(self.ws.model, self.fp32_hash, split.search)
+        int8 = self.scorer.score(int8_model, self.int8_hash, split.search)
+        return {"fp32_hash": self.fp32_hash, "int8_hash": self.int8_hash,
+                "fp32": {"search": fp32.value(split.search), "low": fp32.value(split.low_indices)},
+                "int8": {"search": int8.value(split.search), "low": int8.value(split.low_indices)},
+                "by": workers.identity(self.settings.worker)}
+
+    def _check_reference(self) -> None:
+        """Every worker scores against the same FP32 and all-INT8: the published models, and (with the per-sample store
+        on another machine's disk) the same values, else say so."""
+        ref, split = self.shared_reference, self.split
+        if (ref["fp32_hash"], ref["int8_hash"]) != (self.fp32_hash, self.int8_hash):
+            raise SensqError(f"this worker's FP32/all-INT8 models differ from those of study {self.study_name}",
+                             "run every worker with the same sensq version, model, calibration data and options")
+        mine = {"fp32": {"search": self.fp32.value(split.search), "low": self.fp32.value(split.low_indices)},
+                "int8": {"search": self.int8.value(split.search), "low": self.int8.value(split.low_indices)}}
+        if mine != {"fp32": ref["fp32"], "int8": ref["int8"]}:
+            log.warning("FP32/all-INT8 scored on this machine (%s) differ from the study's (%s, by %s): intervals here use "
+                        "this machine's per-sample results; share --cache-dir between workers to make them identical",
+                        mine, {"fp32": ref["fp32"], "int8": ref["int8"]}, ref["by"].get("host"))
+
     def sensitivity(self) -> None:
-        from ..sensitivity import summary, write_report
+        from ..sensitivity import sensitivity_key, summary, write_report
 
         s = self.settings
-        self.sens = run_sensitivity(self.ws, self.evaluator, indices=self.split.low_indices, depth=s.depth, by=s.group_by,
-                                    progress=self.progress, cache=self.workdir / "cache",
-                                    budget_seconds=s.sensitivity_budget, scorer=self.scorer)
+
+        def compute() -> dict:
+            return run_sensitivity(self.ws, self.evaluator, indices=self.split.low_indices, depth=s.depth, by=s.group_by,
+                                   progress=self.progress, cache=self.workdir / "cache",
+                                   budget_seconds=s.sensitivity_budget, scorer=self.scorer).to_json()
+
+        # one pass per study: every worker ranks (and so toggles) the same groups
+        key = sensitivity_key(self.ws, self.evaluator, self.split.low_indices, s.depth, s.group_by, s.sensitivity_budget, 8)
+        doc, _ = self.coord.shared(f"sensitivity:{key}", compute)
+        self.sens = SensitivityResult.from_json(doc)
         self.ranked = [g for g in self.sens.ranked_groups if g in self.groups]
         self.sens_paths = write_report(self.sens, self.workdir)
         print(summary(self.sens, 10))
 
-    def open_study(self) -> None:
+    def _connect(self) -> None:
+        """The study's storage and its coordinator, opened before anything is scored: FP32, all-INT8 and the
+        sensitivity pass are computed once per study and shared through it."""
         s = self.settings
         key = s.study_key(self.ws.stats.key, self.ws.base_plan.key(), Path(self.space.source).read_text(),
                           evaluator_signature(self.evaluator), self.split.to_dict(), self.backend.spec)
@@ -160,43 +204,53 @@ class SearchRun:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         url = s.storage_url()
         try:
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=workers.HEARTBEAT_INTERVAL,
-                                                 grace_period=workers.GRACE_PERIOD) \
-                if url.startswith(("sqlite", "postgresql", "mysql")) else url
-            n_warm = 0 if s.strategy != "tpe" else 4 + min(len(self.ranked), self.space.top_k or 0)
-            self.study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
-                                             directions=["maximize", "minimize"],
-                                             sampler=make_sampler(s.strategy, s.seed + s.worker, n_warm))
+            self.storage = open_storage(url, workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
+            optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
+                                directions=["maximize", "minimize"])
         except Exception as e:
             raise SensqError(f"cannot open Optuna storage {url}: {str(e).splitlines()[0][:200]}",
                              "give a valid URL such as sqlite:///runs/study.db or postgresql://user:pw@host/db") from e
+        self.coord = Coordinator(self.storage, self.study_name)
+
+    def open_study(self) -> None:
+        s = self.settings
+        n_warm = 0 if s.strategy != "tpe" else 4 + min(len(self.ranked), self.space.top_k or 0)
+        self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                       sampler=make_sampler(s.strategy, s.seed + s.worker, n_warm))
         self.study.set_metric_names([f"gain in {self.sens.metric_name} over all-INT8", "sampler cost"])
-        workers.reclaim(self.study)  # trials left RUNNING by a killed worker are failed and retried
+        workers.reclaim(self.study, self.coord)  # trials left RUNNING by a killed worker are failed and retried
+        # a book passed in (benchmarks: several strategies measured side by side) stays the caller's
         self.book = self._shared_book if self._shared_book is not None else LatencyBook(self.study)
-        if self.book.study is None:
-            self.book.study = self.study
         self.write_search_json()
 
     def warm_start(self) -> None:
-        """Seeds (all-INT8, top 1/2/3 groups float) and the sensitivity pass's leave-one-out plans, entered once."""
-        if self.study.user_attrs.get("seeded") or self.settings.strategy == "greedy":
+        """Seeds (all-INT8, top 1/2/3 groups float) and the sensitivity pass's leave-one-out plans, entered once per
+        study: under the study lock, each entry skipped when a trial with its label exists (a worker killed halfway
+        through seeding leaves no duplicate behind)."""
+        if self.settings.strategy == "greedy":
             return
-        self.study.set_user_attr("seeded", self.run_id)
-        d = self.defaults()
-        toggled = self.space.toggled(self.ranked)
-        seeds = [0] if self.settings.strategy == "random" else range(min(3, len(toggled)) + 1)
-        for n in seeds:
-            label = "all-INT8" if n == 0 else f"seed: top-{n} float"
-            self.study.enqueue_trial(self.space.seed_params(self.ranked, n, d), user_attrs={"source": "seed", "label": label})
-        if self.settings.strategy == "tpe":
-            self._add_sensitivity_trials(toggled, d)
+        with self.coord.lock():
+            if self.study.user_attrs.get("seeded"):
+                return
+            have = {(t.user_attrs.get("source"), t.user_attrs.get("label")) for t in self.study.get_trials(deepcopy=False)}
+            d = self.defaults()
+            toggled = self.space.toggled(self.ranked)
+            seeds = [0] if self.settings.strategy == "random" else range(min(3, len(toggled)) + 1)
+            for n in seeds:
+                label = "all-INT8" if n == 0 else f"seed: top-{n} float"
+                if ("seed", label) not in have:
+                    self.study.enqueue_trial(self.space.seed_params(self.ranked, n, d),
+                                             user_attrs={"source": "seed", "label": label})
+            if self.settings.strategy == "tpe":
+                self._add_sensitivity_trials(toggled, d, {lab for src, lab in have if src == "sensitivity"})
+            self.study.set_user_attr("seeded", self.run_id)
 
-    def _add_sensitivity_trials(self, toggled: list[str], defaults: dict) -> None:
+    def _add_sensitivity_trials(self, toggled: list[str], defaults: dict, have: set = frozenset()) -> None:
         dists = self._distributions()
         rows = self.sens.table.set_index("group")
         for g in toggled:
             row = rows.loc[g]
-            if row["scored_by"] != "metric":
+            if row["scored_by"] != "metric" or f"sensitivity: {g} float" in have:
                 continue
             plan = self.ws.base_plan.with_float(self.groups[g])
             rec = self.evaluate_trial.record(len(self.study.trials), plan, f"sensitivity: {g} float", "sensitivity", [g])
@@ -222,27 +276,59 @@ class SearchRun:
         return len({r.plan_key for r in self.records() if r.source != "sensitivity"})
 
     def trials(self) -> None:
+        """Until the study (all its workers together) has scored `budget` distinct plans. Plans other workers are
+        scoring count as in flight: when they fill the budget this worker waits for them (and retries those of a
+        worker that dies) instead of starting one more."""
         s = self.settings
         bar = tqdm(total=s.budget, initial=min(self.budget_used(), s.budget), desc="search", unit="plan",
                    disable=not self.progress)
         try:
-            while self.budget_used() < s.budget:
-                workers.reclaim(self.study)
+            while True:
+                workers.reclaim(self.study, self.coord)
+                used = self.budget_used()
+                bar.update(min(used, s.budget) - bar.n)
+                if used >= s.budget:
+                    break
+                if used + len(self._in_flight()) >= s.budget:
+                    time.sleep(workers.POLL_SECONDS)
+                    continue
                 proposal = self.proposer.next()
                 if proposal is None:
                     log.warning("the search space has no unscored plan left (%d scored); stopping before the budget",
                                 self.budget_used())
                     break
-                self._run_proposal(proposal)
-                bar.update(1)
+                if self._claim(proposal):
+                    self._run_proposal(proposal)
                 bar.set_postfix_str(f"repeats {self.proposer.repeats}")
         finally:
             bar.close()
 
+    def _claim(self, p) -> bool:
+        """Atomically (study lock): the proposal's plan is neither scored nor in flight and the budget has room, and
+        the trial says which plan it scores. Else the trial is told FAIL, marked so it is not retried."""
+        key = p.plan.key()
+        with self.coord.lock():
+            taken = {**self._in_flight(exclude=p.trial.number),
+                     **{r.plan_key: r.number for r in self.records() if r.source != "sensitivity"}}
+            if key in taken:
+                p.trial.set_user_attr("duplicate_of", taken[key])
+                self.proposer.repeats += 1
+            elif self.budget_used() + len(self._in_flight(exclude=p.trial.number)) >= self.settings.budget:
+                p.trial.set_user_attr(workers.RELEASED, "budget reached by trials in flight")
+            else:
+                p.trial.set_user_attr(workers.PLAN_KEY, key)
+                return True
+        self.study.tell(p.trial, state=optuna.trial.TrialState.FAIL)
+        return False
+
     def _run_proposal(self, p) -> None:
         rec = self.evaluate_trial.record(p.trial.number, p.plan, p.label, p.source, p.float_groups)
-        with workers.heartbeat(self.study, p.trial):
-            rec = self.evaluate_trial.evaluate(rec, prune=self.settings.strategy != "greedy")
+        try:
+            with workers.heartbeat(self.study, p.trial):
+                rec = self.evaluate_trial.evaluate(rec, prune=self.settings.strategy != "greedy")
+        except BaseException:  # Ctrl-C, SIGTERM, an error: the trial is failed (and retried), never left RUNNING
+            self.study.tell(p.trial, state=optuna.trial.TrialState.FAIL)
+            raise
         p.trial.set_user_attr(ATTR, rec.to_json())
         p.trial.set_user_attr("label", rec.label)
         self.study.tell(p.trial, [rec.delta_int8, self.sampler_cost(rec)])
