@@ -156,8 +156,9 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
         spent = time.perf_counter() - t0
         bar.set_postfix_str(f"{g}: {value:.4f}")
     n_metric = sum(r["scored_by"] == "metric" for r in rows.values())
-    notes = [f"{n_metric} of {len(rows)} groups scored by the task metric, the rest by the proxy only"
-             + (f" (budget {budget_seconds:.0f} s)" if budget_seconds is not None and n_metric < len(rows) else "")]
+    notes = [f"all {n_metric} groups scored by the task metric" if n_metric == len(rows) else
+             f"{n_metric} of {len(rows)} groups scored by the task metric, the rest by the proxy only"
+             + (f" (budget {budget_seconds:.0f} s)" if budget_seconds is not None else "")]
     result = SensitivityResult(pd.DataFrame(list(rows.values())), int8.primary or getattr(evaluator, "primary", "metric"),
                                int8_value, fp32.value(indices), len(indices), time.perf_counter() - t0, budget_seconds,
                                notes)

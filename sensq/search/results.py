@@ -56,11 +56,11 @@ def _fp32_row(run) -> dict:
             "model_hash": run.fp32_hash}
 
 
-def _add_intervals(rows: list[dict], run, indices, prefix: str) -> None:
-    """metric, difference to FP32 and to all-INT8 with 95 % paired intervals, over `indices`."""
-    if not run.scorer.per_sample or len(indices) == 0:
+def _add_intervals(rows: list[dict], run, boot, prefix: str) -> None:
+    """metric, difference to FP32 and to all-INT8 with 95 % paired intervals, over the bootstrap's samples."""
+    if boot is None:
         return
-    boot = PairedBootstrap(indices, run.settings.n_boot, run.settings.seed)
+    indices = boot.indices
     fp32 = run.store.get(run.fp32_hash)
     int8 = run.store.get(run.int8_hash)
     for row in rows:
@@ -74,13 +74,10 @@ def _add_intervals(rows: list[dict], run, indices, prefix: str) -> None:
             row[f"{prefix}d_{name}"], row[f"{prefix}d_{name}_lo"], row[f"{prefix}d_{name}_hi"] = d.value, d.lo, d.hi
 
 
-def _neighbours(front: list[dict], run) -> list[str]:
+def _neighbours(front: list[dict], run, boot) -> list[str]:
     """Adjacent front points that the data cannot tell apart (metric interval of the paired difference spans 0,
     or overlapping latency-ratio intervals)."""
     notes = []
-    if len(front) < 2:
-        return notes
-    boot = PairedBootstrap(run.split.search, run.settings.n_boot, run.settings.seed) if run.scorer.per_sample else None
     for a, b in zip(front, front[1:]):
         parts = []
         sa, sb = run.store.get(a["model_hash"]), run.store.get(b["model_hash"])
@@ -113,8 +110,11 @@ def build_result(run, seconds: float):
     front = [rows[i] for i in idx]
     all_int8 = next((r for r in rows if r["model_hash"] == run.int8_hash), None)
     shown = front + [r for r in (rows[0], all_int8) if r is not None and not r["on_front"]]
-    _add_intervals(shown, run, run.split.search, "")
-    _add_intervals(shown, run, run.split.confirm, "confirm_")
+    boots = {part: PairedBootstrap(idx, run.settings.n_boot, run.settings.seed)
+             if run.scorer.per_sample and len(idx) else None
+             for part, idx in (("search", run.split.search), ("confirm", run.split.confirm))}
+    _add_intervals(shown, run, boots["search"], "")
+    _add_intervals(shown, run, boots["confirm"], "confirm_")
     for r in shown:
         if r.get("confirm_metric") is not None:
             r["optimism"] = r["metric"] - r["confirm_metric"]
@@ -122,7 +122,7 @@ def build_result(run, seconds: float):
     for r in rows:
         r["recommended"] = rec is not None and r["trial"] == rec["trial"]
     summary = _summary(run, recs, rows, front, rec)
-    summary["neighbours"] = _neighbours(front, run)
+    summary["neighbours"] = _neighbours(front, run, boots["search"])
     paths = write_pareto_report(rows, front, summary, run.workdir)
     paths["trials"] = write_trials_csv(recs, run.workdir / "trials.csv")
     paths.update({f"sensitivity {k}": v for k, v in getattr(run, "sens_paths", {}).items()})
