@@ -37,6 +37,15 @@ BUDGETS = (10, 20, 50)
 HV_MARGIN = 0.03
 
 
+def write_results(name: str, obj) -> Path:
+    """bench/results/<name>.json (not committed): the raw numbers behind a printed table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(obj, indent=1, default=float))
+    print(f"wrote {path}")
+    return path
+
+
 def prepare(model: str, cache: Path):
     from sensq.defaults import setup
 
@@ -199,11 +208,8 @@ def main():
     print(table(rows))
     for model, agree in repeats.items():
         print(f"{model} reproducibility: {agree}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "search_bench.json"
-    out.write_text(json.dumps({"budget": args.budget, "rows": rows, "reproducibility": repeats,
-                               "hv_reference": f"(ratio 1.0, FP32 confirm metric - {HV_MARGIN})"}, indent=1, default=float))
-    print(f"wrote {out}")
+    write_results("search_bench", {"budget": args.budget, "rows": rows, "reproducibility": repeats,
+                                   "hv_reference": f"(ratio 1.0, FP32 confirm metric - {HV_MARGIN})"})
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ writes bench/results/targets.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.bench_search import MODELS, RESULTS  # noqa: E402
+from bench.bench_search import MODELS, write_results  # noqa: E402
 
 TARGETS = ("ort-cpu", "openvino-cpu")
 
@@ -62,9 +61,7 @@ def main():
                           f"{r['ratio']:.3f}x [{r['ratio_lo']:.3f}, {r['ratio_hi']:.3f}]  {config_name(r)}")
             for t in TARGETS:
                 print(f"  only on the {t} front: {only[t] or 'none'}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "targets.json").write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {RESULTS / 'targets.json'}")
+    write_results("targets", out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Writes bench/results/unnamed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,6 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("SENSQ_DATA", REPO.parent / "shared" / "data"))
-RESULTS = REPO / "bench" / "results"
 
 
 def strip_names(src: Path, dst: Path) -> Path:
@@ -44,6 +42,7 @@ def main():
     src = DATA / "models" / "yolov5n.onnx"
     if not src.is_file():
         sys.exit(f"shared data not found under {DATA} (set SENSQ_DATA)")
+    from bench.bench_search import write_results
     from sensq.cli import setup_logging
     from sensq.defaults import setup
     from sensq.evaluators.samples import PairedBootstrap
@@ -100,9 +99,7 @@ def main():
               f"[{t['vs_int8'][1]:+.4f}, {t['vs_int8'][2]:+.4f}]")
     print(f"worst top-10 group float vs all-INT8: {worst:+.4f} (must be >= -0.005)")
     print(f"search --budget {args.budget}: {out['search_s']:.0f} s including calibration and sensitivity")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "unnamed.json").write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {RESULTS / 'unnamed.json'}")
+    write_results("unnamed", out)
 
 
 if __name__ == "__main__":

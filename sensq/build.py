@@ -273,10 +273,14 @@ class QDQBuilder:
         return out
 
     def build_to(self, plan: PrecisionPlan, path: str | Path) -> onnx.ModelProto:
-        model = self.build(plan)
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            onnx.save(model, str(path))
-        except OSError as e:
-            raise SensqError(f"cannot write {path}: {e.strerror or e}", "choose an output path in a writable folder (-o / working_dir)") from e
-        return model
+        return write_model(self.build(plan), path)
+
+
+def write_model(model: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
+    """Save a built model; an unwritable path is a user error."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
+    except OSError as e:
+        raise SensqError(f"cannot write {path}: {e.strerror or e}", "choose an output path in a writable folder (-o / working_dir)") from e
+    return model

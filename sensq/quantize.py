@@ -5,6 +5,7 @@ a `Workspace` that sensitivity analysis and search reuse to build many plans.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import onnx
 
-from .build import QDQBuilder
+from .build import QDQBuilder, write_model
 from .config import QuantizeConfig
 from .data import SyntheticData, build_calibration_data
 from .errors import SensqError
 from .heads import HeadInfo, confirm_head, detect_head
+from .locks import file_lock
 from .model import Graph, load_model, shield_float_nodes, simplify, truncation_region
 from .plan import PrecisionPlan
 from .statistics import CalibrationStats, collect, stats_key
@@ -63,13 +65,7 @@ class Workspace:
         return qmodel
 
     def build_to(self, plan: PrecisionPlan | None, path: str | Path) -> onnx.ModelProto:
-        qmodel = self.build(plan)
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            onnx.save(qmodel, str(path))
-        except OSError as e:
-            raise SensqError(f"cannot write {path}: {e.strerror or e}", "choose an output path in a writable folder (-o / working_dir)") from e
-        return qmodel
+        return write_model(self.build(plan), path)
 
 
 def load_and_simplify(cfg: QuantizeConfig) -> onnx.ModelProto:
@@ -153,23 +149,42 @@ def calibration_statistics(cfg: QuantizeConfig, model: onnx.ModelProto, yolo: bo
     model_bytes = model.SerializeToString()
     key = stats_key(model_bytes, data.fingerprint())
     path = cache_dir(cfg) / "stats" / f"{key}.npz"
-    if path.is_file():
-        try:
-            stats = CalibrationStats.load(path)
-            if stats.key == key:
-                log.info("calibration statistics from cache %s (%d samples)", path, stats.n_samples)
-                return stats, True, 0.0, data
-        except Exception:
-            log.warning("calibration cache %s is unreadable; recalibrating", path)
-    t = time.perf_counter()
-    stats = collect(model, iter(data), len(data), progress=progress)
-    seconds = time.perf_counter() - t
-    stats.key = key
-    try:
-        stats.save(path)
+    stats = _cached_stats(path, key)
+    if stats is not None:
+        return stats, True, 0.0, data
+    try:  # one process calibrates a given model and data at a time; the others wait and read its statistics
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = file_lock(path.with_suffix(".lock"))
     except OSError as e:
-        log.warning("could not write calibration cache %s: %s", path, e)
+        log.warning("calibration cache folder %s is not writable (%s): calibrating without it", path.parent, e)
+        lock = contextlib.nullcontext()
+    with lock:
+        stats = _cached_stats(path, key)  # written while this process waited for the lock
+        if stats is not None:
+            return stats, True, 0.0, data
+        t = time.perf_counter()
+        stats = collect(model, iter(data), len(data), progress=progress)
+        seconds = time.perf_counter() - t
+        stats.key = key
+        try:
+            stats.save(path)  # atomic rename: readers without the lock never see half a file
+        except OSError as e:
+            log.warning("could not write calibration cache %s: %s", path, e)
     return stats, False, seconds, data
+
+
+def _cached_stats(path: Path, key: str) -> CalibrationStats | None:
+    if not path.is_file():
+        return None
+    try:
+        stats = CalibrationStats.load(path)
+    except Exception:
+        log.warning("calibration cache %s is unreadable; recalibrating", path)
+        return None
+    if stats.key != key:
+        return None
+    log.info("calibration statistics from cache %s (%d samples)", path, stats.n_samples)
+    return stats
 
 
 def prepare(cfg: QuantizeConfig, progress: bool = True) -> Workspace:
