@@ -4,10 +4,8 @@ the one it is evaluated with."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from sensq.cli import build_parser

@@ -12,7 +12,7 @@ import pytest
 from sensq.evaluators.samples import MeanSamples, PairedBootstrap, bca_interval, bootstrap_weights, jackknife_weights
 from sensq.evaluators.scoring import SampleStore
 from sensq.quantize import cache_dir
-from sensq.search import SearchSettings, run_search
+from sensq.search import run_search
 from sensq.search.fidelity import no_slower, prune_decision
 from sensq.sensitivity import quantizable_groups
 
@@ -138,7 +138,6 @@ def test_every_prune_in_a_run_is_backed_by_its_stored_samples(tiny, tmp_path):
 def test_same_seed_same_plans_even_with_a_noisy_timed_backend(tiny, tmp_path):
     """The sampler never sees measured latency, so two runs with the ort backend try the same plans in the same
     order and agree on every score; only the measured ratios differ, within their intervals."""
-    ws, ev = tiny.workspace(), tiny.evaluator()
     fast = "ort:threads=1,warmup=1"
     a = study_records(_run(tiny, tmp_path / "a", 8, latency=fast))
     b = study_records(_run(tiny, tmp_path / "b", 8, latency=fast))

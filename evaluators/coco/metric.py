@@ -67,7 +67,7 @@ def match(gt: GroundTruth, dets: np.ndarray, img_ids) -> Matches:
     p = Params(iouType="bbox")
     img_ids = np.unique(np.asarray(img_ids, np.int64))
     cat_ids = np.asarray(gt.cat_ids, np.int64)
-    K, A, T, R, M = len(cat_ids), len(p.areaRng), len(p.iouThrs), len(p.recThrs), len(p.maxDets)
+    K, A, T = len(cat_ids), len(p.areaRng), len(p.iouThrs)
     lo = np.array([r[0] for r in p.areaRng], np.float64)[:, None]
     hi = np.array([r[1] for r in p.areaRng], np.float64)[:, None]
     thr = np.minimum(p.iouThrs, 1 - 1e-10)
