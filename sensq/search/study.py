@@ -32,7 +32,7 @@ from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
 from .splits import Split, make_split
 from . import workers
-from .coordination import Coordinator, open_storage
+from .coordination import Coordinator, coherent_store, open_storage
 from .trials import TrialEvaluator
 
 log = logging.getLogger("sensq")
@@ -125,7 +125,7 @@ class SearchRun:
         """Split the evaluation set; score FP32 and all-INT8 on the search part; FP32 latency in this run."""
         s, ev = self.settings, self.evaluator
         n = min(s.limit or len(ev), len(ev))
-        self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev)
+        self.store = coherent_store(cache_dir(self.ws.cfg) / "samples", ev)  # may be shared with other workers
         self.scorer = Scorer(ev, self.store, np.arange(n))
         if self.scorer.per_sample:
             labels = getattr(getattr(ev, "data", None), "labels", None)

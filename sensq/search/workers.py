@@ -1,9 +1,11 @@
 """Several processes (or machines) on one study: no trial is left RUNNING by a worker that died.
 
-Each running trial records which process runs it and sends Optuna heartbeats. A worker starting or asking for a
-new trial first fails the RUNNING trials whose process is gone (same host: the pid no longer exists) or whose
-heartbeat is stale (other hosts: Optuna's grace period), and re-enqueues their parameters with their labels, so a
-seed or mutation interrupted by a kill is retried instead of lost.
+Each running trial records which process runs it (and, once claimed, which plan: PLAN_KEY, so other workers count it
+as in flight) and sends Optuna heartbeats from the moment it is asked. A worker starting or asking for a new trial
+first fails the RUNNING trials whose process is gone (same host: the pid no longer exists) or whose heartbeat is
+stale (other hosts: Optuna's grace period), and re-enqueues their parameters with their labels (once, under the
+study lock), so a seed or mutation interrupted by a kill is retried instead of lost. Trials told FAIL on purpose —
+repeats (duplicate_of) and trials released because the budget was already in flight (RELEASED) — are not retried.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from optuna.trial import TrialState
 HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 60  # a trial on another host is dead after this long without a heartbeat
 RETRY_OF = "retry_of"  # user attribute of a re-enqueued trial: the number of the trial that died
+PLAN_KEY = "plan_key"  # user attribute of a running trial: the plan it scores (claimed under the study lock)
+RELEASED = "released"  # user attribute of a trial given back unrun (why), never retried
+POLL_SECONDS = 1.0  # how often a worker with nothing to start looks at the trials in flight
 
 
 def identity(worker: int = 0) -> dict:
@@ -51,8 +56,9 @@ def _dead_local(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return out
 
 
-def reclaim(study: optuna.Study) -> int:
-    """Fail the trials of dead workers and re-enqueue their parameters; returns how many were reclaimed."""
+def reclaim(study: optuna.Study, coord=None) -> int:
+    """Fail the trials of dead workers and re-enqueue their parameters (under `coord`'s study lock when given, so two
+    workers never retry the same trial twice); returns how many were reclaimed."""
     optuna.storages.fail_stale_trials(study)  # other hosts: heartbeat older than the grace period
     storage = study._storage
     n = 0
@@ -63,19 +69,26 @@ def reclaim(study: optuna.Study) -> int:
         except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
             continue
         n += 1
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
-    for t in trials:
-        if t.state != TrialState.FAIL or "duplicate_of" in t.user_attrs or t.number in retried or not t.params:
-            continue
-        attrs = {k: v for k, v in t.user_attrs.items() if k in ("source", "label")}
-        study.enqueue_trial(t.params, user_attrs={**attrs, RETRY_OF: t.number}, skip_if_exists=False)
+    with coord.lock() if coord is not None else contextlib.nullcontext():
+        trials = study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+        for t in trials:
+            if t.state != TrialState.FAIL or t.number in retried or not t.params or \
+                    "duplicate_of" in t.user_attrs or RELEASED in t.user_attrs:
+                continue
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("source", "label")}
+            study.enqueue_trial(t.params, user_attrs={**attrs, RETRY_OF: t.number}, skip_if_exists=False)
     return n
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, worker: int = 0) -> None:
-    """First thing after ask(): say which process runs the trial (a kill after this is detected at once)."""
+    """First thing after ask(): say which process runs the trial (a kill after this is detected at once on this
+    host) and start its heartbeat record (so other hosts see it go stale if this worker dies before running it)."""
     trial.set_user_attr("worker_identity", identity(worker))
+    from optuna.storages._heartbeat import is_heartbeat_enabled  # optuna>=4,<6, as get_heartbeat_thread below
+
+    if is_heartbeat_enabled(study._storage):
+        study._storage.record_heartbeat(trial._trial_id)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,317 @@
+"""Several workers on one study, on a real PostgreSQL server (tests/conftest.py starts a throw-away one): seeds and
+warm start entered once, the budget reached exactly with distinct plans, no trial left RUNNING by a killed worker or
+by a worker on another host whose heartbeat went stale, FP32/all-INT8 and the sensitivity pass computed once per
+study, reports that read the same from every worker's work directory; the study lock itself; concurrent calibration
+into one cache directory."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sensq.search import run_search
+from sensq.search import workers
+from sensq.search.coordination import Coordinator, open_storage
+
+from search_helpers import SEED_LABELS, make_tiny, searched, tiny_settings
+from test_search import restore_sensq_logger  # noqa: F401 (autouse)
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _env(sleep: float) -> dict:
+    return {**os.environ, "SENSQ_TEST_SLEEP": str(sleep),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+
+
+def _start(tiny, tmp_path, url: str, worker: int, sleep: float, budget: int = BUDGET) -> tuple[subprocess.Popen, Path]:
+    workdir = tmp_path / f"w{worker}"
+    cmd = [sys.executable, "-m", "sensq", *tiny.search_args(workdir, budget, "--storage", url, "--worker", str(worker))]
+    log = (tmp_path / f"w{worker}.log").open("a")
+    return subprocess.Popen(cmd, env=_env(sleep), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path), workdir
+
+
+def _log(tmp_path: Path, worker: int) -> str:
+    return (tmp_path / f"w{worker}.log").read_text()[-3000:]
+
+
+def _study(url: str, workdir: Path) -> optuna.Study:
+    info = json.loads((workdir / "search.json").read_text())
+    assert info["storage"] == url
+    return optuna.load_study(study_name=info["study_name"], storage=open_storage(url))
+
+
+def _check_study(study: optuna.Study) -> list:
+    """The invariants every finished multi-worker study must satisfy; returns its COMPLETE searched records."""
+    from sensq.search import records
+
+    trials = study.get_trials(deepcopy=False)
+    trace = [(t.number, t.state.name, t.user_attrs.get("label"), t.user_attrs.get("retry_of"),
+              t.user_attrs.get("duplicate_of"), t.user_attrs.get("released")) for t in trials]
+    recs = searched(records(study))
+    assert len(recs) == BUDGET == len({r.plan_key for r in recs}), trace  # exactly the budget, no repeat scored
+    assert not [t for t in trials if t.state == TrialState.RUNNING], trace
+    # each seed enqueued once (retries of a killed seed name the trial they retry) and scored once
+    enqueued = [t.user_attrs.get("label") for t in trials
+                if t.user_attrs.get("source") == "seed" and "retry_of" not in t.user_attrs]
+    assert sorted(enqueued) == sorted(SEED_LABELS), trace
+    assert [[r.label for r in recs].count(lab) for lab in SEED_LABELS] == [1, 1, 1, 1], trace
+    warm = [t.user_attrs.get("label") for t in trials if t.user_attrs.get("source") == "sensitivity"]
+    assert len(warm) == len(set(warm)) > 0, trace  # the leave-one-out entries, once each
+    return recs
+
+
+def _front(workdir: Path) -> list[tuple]:
+    doc = json.loads((workdir / "pareto.json").read_text())
+    return [(r["trial"], r["plan_key"], r["metric"], r["ratio"], r.get("metric_lo"), r.get("metric_hi"))
+            for r in doc["front"]], doc["summary"]["distinct_plans"]
+
+
+def _sensitivity_passes(*workdirs: Path) -> int:
+    """Work directories where a sensitivity pass ran (it writes its local cache file there)."""
+    return sum(bool(list((w / "cache").glob("sensitivity-*.json"))) for w in workdirs)
+
+
+def test_two_workers_started_together_on_postgres(tiny, tmp_path, postgres_url):
+    procs = [_start(tiny, tmp_path, postgres_url, w, sleep=0.1) for w in (0, 1)]  # within the same second
+    for w, (proc, _) in enumerate(procs):
+        assert proc.wait(timeout=600) == 0, _log(tmp_path, w)
+    w0, w1 = procs[0][1], procs[1][1]
+    study = _study(postgres_url, w0)
+    recs = _check_study(study)
+    assert {r.number for r in recs} <= {t.number for t in study.trials}
+    by = {t.user_attrs["worker_identity"]["worker"] for t in study.trials if t.state == TrialState.COMPLETE
+          and "worker_identity" in t.user_attrs}
+    assert by == {0, 1}  # both took part
+    assert _sensitivity_passes(w0, w1) == 1  # the second worker read the study's pass instead of running its own
+    # the reports of the one study read the same from either work directory
+    assert _front(w0) == _front(w1)
+    assert _front(w0)[1] == BUDGET
+
+
+def _wait_for(predicate, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for proc in procs:
+            assert proc.poll() is None, f"a worker ended before {what}"
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(tiny, tmp_path, postgres_url):
+    (p0, w0), (p1, w1) = [_start(tiny, tmp_path, postgres_url, w, sleep=0.4) for w in (0, 1)]
+    try:
+        def worker1_mid_trial() -> bool:
+            if not (w1 / "search.json").is_file():
+                return False
+            study = _study(postgres_url, w1)
+            return any(t.state == TrialState.RUNNING and workers.PLAN_KEY in t.user_attrs
+                       and t.user_attrs["worker_identity"]["pid"] == p1.pid for t in study.get_trials(deepcopy=False))
+
+        _wait_for(worker1_mid_trial, 300, "worker 1 running a claimed trial", (p0, p1))
+        os.kill(p1.pid, signal.SIGKILL)
+        assert p1.wait(timeout=30) == -signal.SIGKILL
+        assert p0.wait(timeout=600) == 0, _log(tmp_path, 0)
+    finally:
+        for p in (p0, p1):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    study = _study(postgres_url, w0)
+    _check_study(study)
+    killed = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("worker_identity", {}).get("pid") == p1.pid
+              and "duplicate_of" not in t.user_attrs and "released" not in t.user_attrs]
+    assert len(killed) == 1  # the trial worker 1 was killed in: failed by worker 0, then retried
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == killed[0].number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed[0].params
+    # the killed worker's command, run again, finds the budget reached: nothing new, no second sensitivity pass
+    passes = _sensitivity_passes(w0, w1)
+    rerun, _ = _start(tiny, tmp_path, postgres_url, 1, sleep=0.0)
+    assert rerun.wait(timeout=300) == 0, _log(tmp_path, 1)
+    _check_study(_study(postgres_url, w0))
+    assert _sensitivity_passes(w0, w1) == passes == 1
+    assert _front(w0) == _front(w1)
+
+
+def _age_heartbeat(url: str, trial_id: int, seconds: int) -> None:
+    import psycopg2
+
+    con = psycopg2.connect(url)
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute("UPDATE trial_heartbeats SET heartbeat = now() - make_interval(secs => %s) WHERE trial_id = %s",
+                    (seconds, trial_id))
+        assert cur.rowcount == 1
+    con.close()
+
+
+def _other_host_trial(study: optuna.Study, plan_key: str) -> optuna.Trial:
+    """A trial as a worker on another machine runs it: claimed plan, heartbeat recorded."""
+    trial = study.ask({"float:conv1": optuna.distributions.CategoricalDistribution([False, True])})
+    trial.set_user_attr("worker_identity", {"host": "another-host", "pid": 1, "worker": 7})
+    trial.set_user_attr(workers.PLAN_KEY, plan_key)
+    study._storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
+def test_other_host_trial_fails_only_when_its_heartbeat_is_stale(tiny, tmp_path, postgres_url):
+    run_search(tiny.workspace(), tiny.evaluator(), tiny_settings(tmp_path / "w", 2, storage=postgres_url), progress=False)
+    storage = open_storage(postgres_url, workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
+    name = json.loads((tmp_path / "w" / "search.json").read_text())["study_name"]
+    study = optuna.load_study(study_name=name, storage=storage)
+    fresh, stale = _other_host_trial(study, "plan-a"), _other_host_trial(study, "plan-b")
+    _age_heartbeat(postgres_url, stale._trial_id, workers.GRACE_PERIOD + 30)
+    assert workers.reclaim(study, Coordinator(storage, name)) == 0  # the pid check is for this host only
+    states = {t.number: t for t in study.get_trials()}
+    assert states[fresh.number].state == TrialState.RUNNING  # alive elsewhere: left alone
+    assert states[stale.number].state == TrialState.FAIL
+    retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == stale.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].system_attrs["fixed_params"] == states[stale.number].params  # enqueued with the same parameters
+
+
+def test_worker_waits_for_other_hosts_trial_in_flight_then_retries_it_when_stale(tiny, tmp_path, postgres_url):
+    """Budget 5 with 4 scored (the seeds) and one in flight on another host: no fifth plan starts here; when that
+    host's heartbeat goes stale its trial is failed, retried here, and the budget is reached exactly."""
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    run_search(ws, ev, tiny_settings(tmp_path / "w", 4, storage=postgres_url), progress=False)
+    storage = open_storage(postgres_url, workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
+    name = json.loads((tmp_path / "w" / "search.json").read_text())["study_name"]
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert not study.get_trials(states=(TrialState.WAITING,))  # the seeds are scored: ask() gives a fresh trial
+    other = _other_host_trial(study, "plan-elsewhere")
+    seen_waiting = threading.Event()
+
+    def go_stale():  # the other host dies a little while after this worker started waiting for its trial
+        time.sleep(3.0)
+        seen_waiting.set()
+        _age_heartbeat(postgres_url, other._trial_id, workers.GRACE_PERIOD + 30)
+
+    t = threading.Thread(target=go_stale)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        run_search(ws, ev, tiny_settings(tmp_path / "w", 5, storage=postgres_url), progress=False)
+        waited = time.monotonic() - t0
+    finally:
+        t.join()
+    assert seen_waiting.is_set() and waited >= 3.0
+    from sensq.search import records
+
+    recs = searched(records(study))
+    assert len(recs) == 5 == len({r.plan_key for r in recs})
+    retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == other.number]
+    assert len(retry) == 1 and (retry[0].state == TrialState.COMPLETE or "duplicate_of" in retry[0].user_attrs)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+# ------------------------------------------------------------------------------------------------ the lock itself
+def _increment(url: str, name: str, n: int, barrier) -> None:
+    storage = open_storage(url, workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
+    coord = Coordinator(storage, name)
+    barrier.wait()
+    for _ in range(n):
+        with coord.lock():
+            value = coord.get("counter") or 0
+            time.sleep(0.02)  # a read-modify-write race window
+            coord.put("counter", value + 1)
+
+
+def _lock_counts(url: str, tmp_path: Path) -> int:
+    storage = open_storage(url, workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
+    optuna.create_study(study_name="lock-test", storage=storage)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_increment, args=(url, "lock-test", 5, barrier)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    return Coordinator(storage, "lock-test").get("counter")
+
+
+def test_study_lock_serializes_processes_on_postgres(postgres_url, tmp_path):
+    assert _lock_counts(postgres_url, tmp_path) == 15  # no lost update among 3 processes x 5 increments
+
+
+def test_study_lock_serializes_processes_on_sqlite(tmp_path):
+    assert _lock_counts(f"sqlite:///{tmp_path / 'study.db'}", tmp_path) == 15
+
+
+# ------------------------------------------------------------------------------------------------ calibration cache
+CALIBRATE = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from search_helpers import Tiny
+from sensq.config import config_from_dict
+from sensq.model import load_model
+from sensq.quantize import calibration_statistics
+
+cfg = config_from_dict({{"model_parameters": {{"onnx_model": {model!r}}},
+                        "calibration_parameters": {{"calibration_step": 200, "input_parametres": [
+                            {{"mean_value": [0.0] * 3, "std_value": [255.0] * 3, "color_format": "rgb",
+                              "data_list_path": {calib!r}}}]}},
+                        "quantization_parameters": {{"analysis_enable": False}}}})
+model = load_model(cfg.model_path)
+start = Path({start!r})
+while not start.exists():  # both processes start calibrating at the same moment
+    time.sleep(0.001)
+stats, cached, seconds, _ = calibration_statistics(cfg, model, yolo=False, progress=False)
+print(int(cached), stats.key)
+"""
+
+
+def test_two_processes_calibrating_into_one_cache_share_one_pass(tiny, tmp_path):
+    from tiny_models import write_pngs
+
+    from sensq.statistics import CalibrationStats
+
+    write_pngs(tmp_path / "calib", n=200)
+    calib = tmp_path / "calib"
+    cache = tmp_path / "shared-cache"
+    start = tmp_path / "go"
+    script = CALIBRATE.format(tests=str(REPO / "tests"), model=str(tiny.model), calib=str(calib), start=str(start))
+    env = {**_env(0.0), "SENSQ_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    time.sleep(2.0)  # both imported and polling
+    start.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    cached = sorted(int(o[0].split()[0]) for o in outs)
+    keys = {o[0].split()[1] for o in outs}
+    assert cached == [0, 1]  # one calibration pass; the other process waited and read its statistics
+    files = sorted(p.name for p in (cache / "stats").iterdir() if p.suffix == ".npz")
+    assert files == [f"{keys.pop()}.npz"]  # one entry, no temporary left behind
+    # the entry equals an independent calibration of the same model and data in another cache
+    alone = subprocess.run([sys.executable, "-c", script], env={**env, "SENSQ_CACHE": str(tmp_path / "alone")},
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0 and alone.stdout.split()[0] == "0"
+    a = CalibrationStats.load(cache / "stats" / files[0])
+    b = CalibrationStats.load(tmp_path / "alone" / "stats" / files[0])
+    assert a.n_samples == b.n_samples == 200 and a.tensors.keys() == b.tensors.keys()
+    for name in a.tensors:
+        assert np.array_equal(a.tensors[name].hist, b.tensors[name].hist)
+        assert (a.tensors[name].min, a.tensors[name].max) == (b.tensors[name].min, b.tensors[name].max)
