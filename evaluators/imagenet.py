@@ -26,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sensq.errors import SensqError
-from sensq.evaluators.base import EvalResult, Stopwatch, preprocess_all, resolve_indices, topk_correct
+from sensq.evaluators.base import EvalResult, Stopwatch, resolve_indices, topk_correct
+from sensq.evaluators.pixel_store import PixelStore
 from sensq.evaluators.samples import MeanSamples
 from sensq.preprocess import IMAGE_SUFFIXES, ImagePreprocess
 from sensq.runtime import make_session
@@ -223,20 +224,23 @@ def metadata_normalization(metadata: dict[str, str]) -> tuple[list[float], list[
 
 
 class ClassificationEvaluator:
-    """top-1 / top-5 accuracy; cached uint8 crops, batched inference when the batch dimension is dynamic."""
+    """top-1 / top-5 accuracy; uint8 crops cached on disk (evaluators/pixel_store.py), batched inference when the
+    batch dimension is dynamic. Memory does not grow with the evaluation set (per-sample results are 3 numbers)."""
 
     name = "imagenet"
     primary = "top1"
 
     def __init__(self, dataset: ClassificationSet, input_size=None, mean=None, std=None, color_format: str = "rgb",
-                 batch_size: int = 32, threads: int | None = None, label_offset: int | None = None):
+                 batch_size: int = 32, threads: int | None = None, label_offset: int | None = None,
+                 pixel_cache: str | Path | None = None):
         self.data = dataset
         self.input_size = (int(input_size), int(input_size)) if isinstance(input_size, (int, float)) else (
             tuple(int(v) for v in input_size) if input_size is not None else None)
         self.mean, self.std = mean, std
         self.color_format, self.batch_size, self.threads, self.label_offset = color_format, batch_size, threads, label_offset
         self.preprocessor: ImagePreprocess | None = None  # of the cached pixels
-        self.pixels: dict[int, np.ndarray] = {}  # cache: sample index -> uint8 CHW crop
+        self.pixel_cache = pixel_cache  # folder of the preprocessed crops (default $SENSQ_CACHE/pixels)
+        self.store: PixelStore | None = None  # the crops of the current input size, on disk
 
     def __len__(self) -> int:
         return len(self.data)
@@ -250,10 +254,19 @@ class ClassificationEvaluator:
         else:
             mean, std, origin = IMAGENET_MEAN, IMAGENET_STD, "imagenet default"
         pre = ImagePreprocess(hw[0], hw[1], resize="imagenet", color_format=self.color_format, mean=list(mean), std=list(std))
-        if self.preprocessor is None or (self.preprocessor.height, self.preprocessor.width) != hw:
-            self.pixels = {}  # crops depend only on the size; mean/std are applied per batch
+        if self.store is None or (self.store.pre.height, self.store.pre.width) != hw:
+            self.store = PixelStore(self.pixel_cache, pre, self.data.files)  # crops depend only on the size
         self.preprocessor = pre
         return pre, origin
+
+    def _labels(self, batch: list[int], n_classes: int) -> np.ndarray:
+        """Labels of `batch` in the model's class indices (TF-slim models put a background class at 0: 1001 outputs)."""
+        offset = self.label_offset if self.label_offset is not None else (1 if n_classes == 1001 else 0)
+        labels = self.data.labels[batch] + offset
+        if labels.max() >= n_classes:
+            raise SensqError(f"label {int(labels.max())} is outside the model's {n_classes} classes",
+                             "check that the label file uses the model's class indices (or pass label_offset)")
+        return labels
 
     def signature(self) -> str:
         return (f"{self.name}:{self.data.source}:{len(self.data)}:{self.data.files[0].name}:size={self.input_size}"
@@ -269,35 +282,30 @@ class ClassificationEvaluator:
         static_hw = tuple(int(s) for s in shape[2:]) if len(shape) == 4 and all(isinstance(s, int) for s in shape[2:]) else None
         hw = static_hw or self.input_size or (224, 224)
         pre, origin = self._make_preprocessor(hw, metadata)
-        todo = [i for i in idx if i not in self.pixels]
-        if todo:
-            done = preprocess_all(pre, [self.data.files[i] for i in todo], progress, "imagenet: preprocess")
-            self.pixels.update((i, p) for i, (p, _) in zip(todo, done))
+        self.store.fill(idx, progress, "imagenet: preprocess")
         static_bs = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         bs = static_bs or max(1, int(self.batch_size))
         dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         watch = Stopwatch()
-        logits = []
-        for s in tqdm(range(0, len(idx), bs), desc="imagenet: evaluate", disable=not progress, leave=False):
-            px = [self.pixels[i] for i in idx[s:s + bs]]
-            real = len(px)
+        top1, top5, pred = [], [], []
+        bar = tqdm(total=len(idx), desc="imagenet: evaluate", disable=not progress, leave=False)
+        for batch, px, _ in self.store.batches(idx, bs):
+            real = len(batch)
             if static_bs and real < bs:
-                px = px + [px[-1]] * (bs - real)  # static batch: pad, then drop the padding's outputs
-            x = pre.normalize(np.stack(px)).astype(dtype, copy=False)
+                px = np.concatenate([px, np.repeat(px[-1:], bs - real, axis=0)])  # static batch: pad, drop the padding
+            x = pre.normalize(px).astype(dtype, copy=False)
             with watch:
                 out = session.run(None, {inp.name: x})[0]
-            logits.append(np.asarray(out, np.float32).reshape(len(px), -1)[:real])
-        logits = np.concatenate(logits)
-        labels = self.data.labels[idx]
-        # TF-slim style models put a background class at index 0 (1001 outputs).
-        offset = self.label_offset if self.label_offset is not None else (1 if logits.shape[1] == 1001 else 0)
-        labels = labels + offset
-        if labels.max() >= logits.shape[1]:
-            raise SensqError(f"label {int(labels.max())} is outside the model's {logits.shape[1]} classes",
-                             "check that the label file uses the model's class indices (or pass label_offset)")
-        top1 = topk_correct(logits, labels, 1)
-        top5 = topk_correct(logits, labels, min(5, logits.shape[1]))
-        samples = MeanSamples(np.asarray(idx, np.int64), {"top1": top1, "top5": top5, "pred": logits.argmax(1)}, "top1")
+            logits = np.asarray(out, np.float32).reshape(len(px), -1)[:real]
+            # scored per batch: only three numbers per sample are kept, not the logits
+            labels = self._labels(batch, logits.shape[1])
+            top1.append(topk_correct(logits, labels, 1))
+            top5.append(topk_correct(logits, labels, min(5, logits.shape[1])))
+            pred.append(logits.argmax(1))
+            bar.update(real)
+        bar.close()
+        top1, top5 = np.concatenate(top1), np.concatenate(top5)
+        samples = MeanSamples(np.asarray(idx, np.int64), {"top1": top1, "top5": top5, "pred": np.concatenate(pred)}, "top1")
         return EvalResult(metrics={"top1": float(top1.mean()), "top5": float(top5.mean())}, primary=self.primary,
                           n_samples=len(idx), seconds=time.perf_counter() - t0, inference_seconds=watch.total,
                           samples=samples,

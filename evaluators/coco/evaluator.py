@@ -1,4 +1,5 @@
-"""The COCO/YOLO-layout detection evaluator: preprocessed inputs cached across models, decode on a worker thread."""
+"""The COCO/YOLO-layout detection evaluator: preprocessed inputs cached on disk across models (bounded memory),
+decode on a worker thread."""
 from __future__ import annotations
 
 import ast
@@ -9,7 +10,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sensq.errors import SensqError
-from sensq.evaluators.base import EvalResult, Stopwatch, preprocess_all, resolve_indices
+from sensq.evaluators.base import EvalResult, Stopwatch, resolve_indices
+from sensq.evaluators.pixel_store import PixelStore
 from sensq.evaluators.samples import DetectionSamples
 from sensq.preprocess import ImagePreprocess
 from sensq.runtime import make_session
@@ -17,6 +19,9 @@ from sensq.runtime import make_session
 from .dataset import DetectionSet, load_coco, load_yolo
 from .decode import LAYOUTS, detect_layout, model_names, num_classes, postprocess, to_coco_rows
 from .metric import COCO_STAT_NAMES, coco_stats
+
+POST_AHEAD = 4  # batches inference may run ahead of decoding
+
 
 def _session_io(session):
     inp = session.get_inputs()[0]
@@ -43,7 +48,8 @@ def _parse_imgsz(v) -> tuple[int, int] | None:
 
 
 class DetectionEvaluator:
-    """mAP50-95 (primary) / mAP50 of a YOLO detector on a DetectionSet; preprocessed pixels are cached.
+    """mAP50-95 (primary) / mAP50 of a YOLO detector on a DetectionSet; preprocessed pixels are cached on disk
+    (evaluators/pixel_store.py, under `pixel_cache`, default $SENSQ_CACHE/pixels) and read a batch ahead.
 
     evaluate(model, indices=...) scores any subset of the images (dataset order = sorted by image id); the result
     carries the detections per image (EvalResult.samples), from which any subset or bootstrap resample is scored
@@ -53,7 +59,8 @@ class DetectionEvaluator:
 
     def __init__(self, dataset: DetectionSet, imgsz=None, conf: float = 0.001, iou: float | None = None,
                  max_det: int = 300, max_nms: int = 30000, layout: str = "auto", color_format: str = "rgb",
-                 batch_size: int = 1, threads: int | None = None, metric: str = "fast"):
+                 batch_size: int = 1, threads: int | None = None, metric: str = "fast",
+                 pixel_cache=None):
         if layout not in ("auto", *LAYOUTS):
             raise SensqError(f"unknown detection layout {layout!r}", f"use auto, {', '.join(LAYOUTS)}")
         if metric not in ("fast", "pycocotools"):
@@ -64,7 +71,8 @@ class DetectionEvaluator:
         self.conf, self.iou, self.max_det, self.max_nms = conf, iou, max_det, max_nms
         self.layout, self.color_format, self.batch_size, self.threads, self.metric = layout, color_format, batch_size, threads, metric
         self.preprocessor: ImagePreprocess | None = None  # of the cached pixels
-        self.pixels: dict[int, tuple] = {}  # cache: image index -> (uint8 CHW letterboxed pixels, geometry)
+        self.pixel_cache = pixel_cache
+        self.store: PixelStore | None = None  # letterboxed uint8 pixels and geometry of the current size, on disk
         self.last_detections: np.ndarray | None = None  # rows of the last evaluate() (for inspection and tests)
 
     def __len__(self) -> int:
@@ -78,11 +86,8 @@ class DetectionEvaluator:
         if self.preprocessor is None or (self.preprocessor.height, self.preprocessor.width) != hw:
             self.preprocessor = ImagePreprocess(hw[0], hw[1], resize="letterbox", color_format=self.color_format,
                                                 mean=[0.0], std=[255.0])
-            self.pixels = {}
-        todo = [i for i in indices if i not in self.pixels]
-        if todo:
-            done = preprocess_all(self.preprocessor, [self.data.files[i] for i in todo], progress, f"{self.name}: preprocess")
-            self.pixels.update(zip(todo, done))
+            self.store = PixelStore(self.pixel_cache, self.preprocessor, self.data.files)
+        self.store.fill(indices, progress, f"{self.name}: preprocess")
         return self.preprocessor
 
     def evaluate(self, model, limit: int | None = None, progress: bool = True, indices=None) -> EvalResult:
@@ -99,7 +104,7 @@ class DetectionEvaluator:
         out_name = session.get_outputs()[0].name
         watch = Stopwatch()
 
-        def post(out: np.ndarray, batch: list[int]) -> list[np.ndarray]:
+        def post(out: np.ndarray, batch: list[int], metas: list[dict]) -> list[np.ndarray]:
             rows = []
             for b, i in enumerate(batch):
                 if state["layout"] is None:
@@ -109,24 +114,27 @@ class DetectionEvaluator:
                     state["nc"] = num_classes(layout, out.shape[1:], names)
                     state["cats"] = self.data.category_map(state["nc"])
                 xyxy, scores, cls = postprocess(out[b], layout, self.conf, self.iou, self.max_det,
-                                                self.pixels[i][1], self.max_nms, state["nc"])
+                                                metas[b], self.max_nms, state["nc"])
                 rows.append(to_coco_rows(self.data.image_ids[i], xyxy, scores, state["cats"][cls]))
             return rows
 
         # Decode image i on a worker thread while the main thread runs inference on image i+1 (ORT releases the GIL).
         with ThreadPoolExecutor(1) as worker:
             futures = []
-            for start in tqdm(range(0, len(idx), bs), desc=f"{self.name}: evaluate", disable=not progress, leave=False):
-                batch = idx[start:start + bs]
-                px = [self.pixels[i][0] for i in batch]
-                if len(px) < bs and isinstance(inp.shape[0], int):
-                    px += [px[-1]] * (bs - len(px))  # static batch: pad the last batch, drop the padding's outputs
-                x = pre.normalize(np.stack(px)).astype(dtype, copy=False)
+            bar = tqdm(total=len(idx), desc=f"{self.name}: evaluate", disable=not progress, leave=False)
+            for batch, px, metas in self.store.batches(idx, bs):
+                if len(batch) < bs and isinstance(inp.shape[0], int):  # static batch: pad, drop the padding's outputs
+                    px = np.concatenate([px, np.repeat(px[-1:], bs - len(batch), axis=0)])
+                x = pre.normalize(px).astype(dtype, copy=False)
                 with watch:
                     out = session.run([out_name], {inp.name: x})[0]
-                futures.append(worker.submit(post, out[:len(batch)], batch))
-                if start == 0:
+                futures.append(worker.submit(post, out[:len(batch)], batch, metas))
+                if len(futures) == 1:
                     futures[0].result()  # surface layout / class-count errors before running every image
+                elif len(futures) > POST_AHEAD:
+                    futures[-1 - POST_AHEAD].result()  # raw outputs waiting for decode stay bounded (8.6 MB each)
+                bar.update(len(batch))
+            bar.close()
             rows = [r for f in futures for r in f.result()]
         dets = np.concatenate(rows) if rows else np.zeros((0, 7))
         self.last_detections = dets
