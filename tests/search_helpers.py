@@ -86,13 +86,16 @@ class Tiny:
         return f"{self.plugin}:make"
 
     def config(self) -> QuantizeConfig:
-        return config_from_dict({
+        """Its own cache folder: per-sample results of one test never serve another (counts of scored samples)."""
+        cfg = config_from_dict({
             "model_parameters": {"onnx_model": str(self.model)},
             "calibration_parameters": {"calibration_step": 4, "input_parametres": [
                 {"mean_value": [0.0] * 3, "std_value": [255.0] * 3, "color_format": "rgb",
                  "data_list_path": str(self.calib)}]},
             "quantization_parameters": {"analysis_enable": False},
         })
+        cfg.cache_dir = str(self.root / "cache")
+        return cfg
 
     def workspace(self):
         return prepare(self.config(), progress=False)
@@ -102,7 +105,7 @@ class Tiny:
 
     def model_args(self) -> list[str]:
         return ["-m", str(self.model), "--calib", str(self.calib), "--mean", "0", "0", "0",
-                "--std", "255", "255", "255", "--color", "rgb"]
+                "--std", "255", "255", "255", "--color", "rgb", "--cache-dir", str(self.root / "cache")]
 
     def search_args(self, workdir: Path, budget: int, *extra: str) -> list[str]:
         return ["search", *self.model_args(), "--data", str(self.data), "--task", self.task, "--latency", "bops",
