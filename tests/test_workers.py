@@ -121,9 +121,10 @@ def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(ti
     (p0, w0), (p1, w1) = [_start(tiny, tmp_path, postgres_url, w, sleep=0.4) for w in (0, 1)]
     try:
         def worker1_mid_trial() -> bool:
-            if not (w1 / "search.json").is_file():
+            try:
+                study = _study(postgres_url, w1)
+            except (OSError, ValueError):  # search.json not written yet (or being written)
                 return False
-            study = _study(postgres_url, w1)
             return any(t.state == TrialState.RUNNING and workers.PLAN_KEY in t.user_attrs
                        and t.user_attrs["worker_identity"]["pid"] == p1.pid for t in study.get_trials(deepcopy=False))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 import uuid
 import warnings
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from ..errors import SensqError
 from ..evaluators.samples import PairedBootstrap
-from ..evaluators.scoring import SampleStore, Scorer, model_hash
+from ..evaluators.scoring import Scorer, model_hash
 from ..latency import Reference, macs_per_node, machine_info, make_latency_backend, measurement_lock
 from ..plan import PrecisionPlan
 from ..quantize import cache_dir
@@ -70,7 +72,8 @@ class SearchRun:
         self.target = get_target(ws.base_plan.target, ws.base_plan.activation_type)
         self.backend = make_latency_backend(self.target.latency_spec(settings.latency))
         self.run_id = uuid.uuid4().hex[:8]
-        self.lock_dir = cache_dir(ws.cfg)
+        # per machine (not the cache dir, which may be shared by several machines): one timing at a time here
+        self.lock_dir = Path(tempfile.gettempdir()) / f"sensq-{getattr(os, 'getuid', lambda: 0)()}"
         self._shared_book = book
         self.evaluate_trial = TrialEvaluator(self)
         self.stage_seconds: dict[str, float] = {}
@@ -170,7 +173,8 @@ class SearchRun:
                              "run every worker with the same sensq version, model, calibration data and options")
         mine = {"fp32": {"search": self.fp32.value(split.search), "low": self.fp32.value(split.low_indices)},
                 "int8": {"search": self.int8.value(split.search), "low": self.int8.value(split.low_indices)}}
-        if mine != {"fp32": ref["fp32"], "int8": ref["int8"]}:
+        same = all(np.array_equal(mine[m][k], ref[m][k], equal_nan=True) for m in mine for k in mine[m])
+        if not same:
             log.warning("FP32/all-INT8 scored on this machine (%s) differ from the study's (%s, by %s): intervals here use "
                         "this machine's per-sample results; share --cache-dir between workers to make them identical",
                         mine, {"fp32": ref["fp32"], "int8": ref["int8"]}, ref["by"].get("host"))

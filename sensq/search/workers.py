@@ -73,11 +73,13 @@ def reclaim(study: optuna.Study, coord=None) -> int:
         trials = study.get_trials(deepcopy=False)
         retried = {t.user_attrs.get(RETRY_OF) for t in trials}
         for t in trials:
-            if t.state != TrialState.FAIL or t.number in retried or not t.params or \
+            # a trial killed before its knobs were sampled still holds an enqueued seed's fixed parameters
+            params = t.params or t.system_attrs.get("fixed_params")
+            if t.state != TrialState.FAIL or t.number in retried or not params or \
                     "duplicate_of" in t.user_attrs or RELEASED in t.user_attrs:
                 continue
             attrs = {k: v for k, v in t.user_attrs.items() if k in ("source", "label")}
-            study.enqueue_trial(t.params, user_attrs={**attrs, RETRY_OF: t.number}, skip_if_exists=False)
+            study.enqueue_trial(params, user_attrs={**attrs, RETRY_OF: t.number}, skip_if_exists=False)
     return n
 
 
