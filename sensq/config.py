@@ -109,11 +109,16 @@ class QuantizeConfig:
         return beside if beside.exists() else p  # ...and sensq also against the config file's folder
 
     @property
-    def model_path(self) -> Path:
-        """The ONNX model; a .pt checkpoint resolves to its cached ONNX export (sensq.pt_export)."""
+    def source_path(self) -> Path:
+        """The model file the user named (.onnx, or a .pt checkpoint), before any export."""
         if not self.onnx_model:
             raise SensqError("no model given", "pass --model model.onnx or set model_parameters.onnx_model in the config")
-        path = self.resolve(self.onnx_model)
+        return self.resolve(self.onnx_model)
+
+    @property
+    def model_path(self) -> Path:
+        """The ONNX model; a .pt checkpoint resolves to its cached ONNX export (sensq.pt_export)."""
+        path = self.source_path
         if path.suffix.lower() == ".pt":
             from .pt_export import resolve_model
 
@@ -122,11 +127,17 @@ class QuantizeConfig:
 
     @property
     def out_dir(self) -> Path:
-        return self.resolve(self.working_dir) if self.working_dir else self.model_path.parent
+        """working_dir, else the folder of the model the user named (for a .pt, not its export's cache folder)."""
+        return self.resolve(self.working_dir) if self.working_dir else self.source_path.parent
 
     @property
     def prefix(self) -> str:
-        return self.output_prefix or self.model_path.name.removesuffix(".onnx")
+        """output_prefix, else the named model's name: yolov8n.onnx and yolov8n.pt both give yolov8n (not the
+        export's yolov8n.<key>)."""
+        if self.output_prefix:
+            return self.output_prefix
+        source = self.source_path
+        return source.stem if source.suffix.lower() == ".pt" else source.name.removesuffix(".onnx")
 
     @property
     def output_model(self) -> Path:
