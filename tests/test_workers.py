@@ -31,9 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGET = 12
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
+@pytest.fixture
+def tiny(tmp_path):
+    """A fresh tiny setup with its own cache per test: no model scored by an earlier test is already in the store
+    (a trial served from the store takes milliseconds, and a kill would miss it)."""
+    return make_tiny(tmp_path / "tiny")
 
 
 def _env(sleep: float) -> dict:
@@ -118,7 +120,8 @@ def _wait_for(predicate, timeout: float, what: str, procs=()):
 
 
 def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(tiny, tmp_path, postgres_url):
-    (p0, w0), (p1, w1) = [_start(tiny, tmp_path, postgres_url, w, sleep=0.4) for w in (0, 1)]
+    # worker 1 is slow (2 s per evaluate), so the kill, sent as soon as it runs a claimed trial, lands mid-trial
+    (p0, w0), (p1, w1) = [_start(tiny, tmp_path, postgres_url, w, sleep=0.4 if w == 0 else 2.0) for w in (0, 1)]
     try:
         def worker1_mid_trial() -> bool:
             try:
@@ -141,9 +144,12 @@ def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(ti
     _check_study(study)
     killed = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("worker_identity", {}).get("pid") == p1.pid
               and "duplicate_of" not in t.user_attrs and "released" not in t.user_attrs]
-    assert len(killed) == 1  # the trial worker 1 was killed in: failed by worker 0, then retried
+    trace = [(t.number, t.state.name, t.user_attrs.get("label"), t.user_attrs.get("worker_identity"),
+              t.user_attrs.get("retry_of"), t.user_attrs.get("duplicate_of")) for t in study.trials]
+    (tmp_path / "trials.json").write_text(json.dumps(trace, default=str, indent=0))  # the whole story, on failure
+    assert len(killed) == 1, trace  # the trial worker 1 was killed in: failed by worker 0, then retried
     retries = [t for t in study.trials if t.user_attrs.get("retry_of") == killed[0].number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, trace
     assert retries[0].params == killed[0].params
     # the killed worker's command, run again, finds the budget reached: nothing new, no second sensitivity pass
     passes = _sensitivity_passes(w0, w1)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,7 +95,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     import optuna
 
     url = with_driver(url)
-    with database_lock(url, "sensq:schema"):
+    with database_lock(url, "sensq:schema"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
         return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
 
 
