@@ -180,15 +180,18 @@ def _confirm(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .export import FORMATS
-    from .sensitivity import DEFAULT_BUDGET_SECONDS
 
     parser = argparse.ArgumentParser(prog="sensq", description="Sensitivity-guided INT8 quantization for ONNX models.")
     parser.add_argument("--version", action="version", version=f"sensq {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_quantize_parser, _analyze_parser, _eval_parser, _sensitivity_parser, _search_parser, _export_parser):
+        add(sub, common)
+    return parser
 
+
+def _quantize_parser(sub, common) -> None:
     p = sub.add_parser("quantize", help="INT8 QDQ model from a float model and calibration data", parents=[common],
                        description="Quantize an ONNX model to INT8 QDQ (runs in ONNX Runtime). Accepts xquant JSON configs.")
     add_model_args(p)
@@ -196,16 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-analysis", action="store_true", help="skip the per-layer report (xquant analysis_enable)")
     p.set_defaults(func=cmd_quantize)
 
+
+def _analyze_parser(sub, common) -> None:
     p = sub.add_parser("analyze", help="per-layer error report (cumulative and isolated)", parents=[common],
                        description="Per-layer quantization error of the default INT8 model: markdown, CSV and PNG.")
     add_model_args(p)
     p.add_argument("-o", "--output", default="reports", help="output folder (default reports/)")
     p.add_argument("--view", choices=["cumulative", "isolated", "both"], default="both")
-    p.add_argument("--unit", choices=["node", "group"], default="node", help="isolated view: one compute node or one module group at a time")
+    p.add_argument("--unit", choices=["node", "group"], default="node", help="isolated view: one compute node or one layer group at a time")
     p.add_argument("--depth", type=int, default=1, help="group depth for --unit group (model.24 = 1)")
     p.add_argument("--samples", type=int, default=8, help="calibration samples used for the analysis (default 8)")
     p.set_defaults(func=cmd_analyze)
 
+
+def _eval_parser(sub, common) -> None:
     p = sub.add_parser("eval", help="task metric of a model (COCO mAP, ImageNet top-1/top-5, plugins)", parents=[common],
                        description="Score an ONNX model (float or QDQ) on COCO / YOLO-layout / ImageNet-style data.")
     p.add_argument("-m", "--model", required=True, help="ONNX model to score")
@@ -215,20 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics (and the 12 COCO stats) to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    grouping = ["auto", "module", "structure", "node"]
+
+GROUPINGS = ["auto", "module", "structure", "node"]
+
+
+def _sensitivity_parser(sub, common) -> None:
+    from .sensitivity import DEFAULT_BUDGET_SECONDS
+
     p = sub.add_parser("sensitivity", help="layer-group sensitivity (proxy for all groups, task metric within a budget)",
                        parents=[common], description="Rank layer groups: the proxy (isolated SNR) for every group, the "
                        "leave-one-out task metric for the worst ones within --sensitivity-budget seconds.")
     add_model_args(p)
     add_eval_args(p)
     p.add_argument("--top-k", type=int, default=10, help="lines in the summary (default 10)")
-    p.add_argument("--unit", choices=grouping, default="auto",
+    p.add_argument("--unit", choices=GROUPINGS, default="auto",
                    help="groups: module prefixes when node names carry them, else graph structure (auto); or single nodes")
     p.add_argument("--depth", type=int, default=1, help="module prefix depth (model.24 = 1)")
     p.add_argument("--sensitivity-budget", type=float, default=DEFAULT_BUDGET_SECONDS,
                    help=f"seconds for task-metric runs (default {DEFAULT_BUDGET_SECONDS:.0f}); groups beyond it are ranked by the proxy")
     p.add_argument("-o", "--output", default="reports", help="output folder (default reports/)")
     p.set_defaults(func=cmd_sensitivity)
+
+
+def _search_parser(sub, common) -> None:
+    from .sensitivity import DEFAULT_BUDGET_SECONDS
 
     p = sub.add_parser("search", help="mixed-precision search: latency/accuracy Pareto front with intervals", parents=[common],
                        description="Search float/INT8 layer groups and calibration settings; writes pareto.{png,md,csv,json} "
@@ -255,9 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=0.005,
                    help="recommended point: the fastest on the front within this of FP32 on the search split (default 0.005)")
     p.add_argument("--top-k", type=int, help="number of most sensitive groups the search toggles (default from the space: 12)")
-    p.add_argument("--unit", choices=grouping, default="auto", help="layer groups the search toggles (see sensq sensitivity)")
+    p.add_argument("--unit", choices=GROUPINGS, default="auto", help="layer groups the search toggles (see sensq sensitivity)")
     p.add_argument("--depth", type=int, default=1, help="module prefix depth (model.24 = 1)")
     p.set_defaults(func=cmd_search)
+
+
+def _export_parser(sub, common) -> None:
+    from .export import FORMATS
 
     p = sub.add_parser("export", help="export a search trial for a runtime or toolchain", parents=[common],
                        description="Export a trial of a finished (or interrupted) search.")
@@ -266,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output file")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.set_defaults(func=cmd_export)
-    return parser
 
 
 def setup_logging(quiet: bool) -> None:
