@@ -67,7 +67,7 @@ def match(gt: GroundTruth, dets: np.ndarray, img_ids) -> Matches:
     p = Params(iouType="bbox")
     img_ids = np.unique(np.asarray(img_ids, np.int64))
     cat_ids = np.asarray(gt.cat_ids, np.int64)
-    K, A, T = len(cat_ids), len(p.areaRng), len(p.iouThrs)
+    K = len(cat_ids)
     lo = np.array([r[0] for r in p.areaRng], np.float64)[:, None]
     hi = np.array([r[1] for r in p.areaRng], np.float64)[:, None]
     thr = np.minimum(p.iouThrs, 1 - 1e-10)
@@ -93,23 +93,33 @@ def match(gt: GroundTruth, dets: np.ndarray, img_ids) -> Matches:
     D, G = len(order), len(g_box)
     d_out = ((d_box[:, 2] * d_box[:, 3])[None] < lo) | ((d_box[:, 2] * d_box[:, 3])[None] > hi)  # [A, D]
 
-    # Candidate (det, gt) pairs: same image and category, IoU >= the lowest threshold.
-    g_key = g_img * K + g_cat
+    pair_d, pair_g, pair_iou = _candidate_pairs(key, g_img * K + g_cat, d_box, g_box, g_crowd, thr.min())
+    dt_m, dt_ig = _greedy_match(pair_d, pair_g, pair_iou, rank, g_ign, g_crowd, thr, D, G)
+    dt_ig |= ~dt_m & d_out[:, None, :]  # unmatched detections outside the area range are ignored
+    return Matches(img_ids, cat_ids, d_img, d_cat, rank, d_score, dt_m, dt_ig, g_img, g_cat, g_ign)
+
+
+def _candidate_pairs(d_key, g_key, d_box, g_box, g_crowd, min_iou: float):
+    """(det, gt) pairs in the same image and category (equal keys) with IoU >= min_iou, and their IoU."""
     g_order = np.argsort(g_key, kind="stable")
     g_sorted = g_key[g_order]
-    first, last = np.searchsorted(g_sorted, key, "left"), np.searchsorted(g_sorted, key, "right")
+    first, last = np.searchsorted(g_sorted, d_key, "left"), np.searchsorted(g_sorted, d_key, "right")
     cnt = last - first
-    pair_d = np.repeat(np.arange(D), cnt)
+    pair_d = np.repeat(np.arange(len(d_key)), cnt)
     pair_g = g_order[np.repeat(first, cnt) + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)]
     pair_iou = _bbox_iou(d_box[pair_d], g_box[pair_g], g_crowd[pair_g])
-    ok = pair_iou >= thr.min()
-    pair_d, pair_g, pair_iou = pair_d[ok], pair_g[ok], pair_iou[ok]
+    ok = pair_iou >= min_iou
+    return pair_d[ok], pair_g[ok], pair_iou[ok]
 
-    # Greedy matching, in detection rank order, for every (image, category) problem at once: at rank r each problem
-    # has at most one detection, and problems share no gt, so one vector step per rank is exact.
-    # A detection takes, among gts not yet matched (crowd gts always available) with IoU >= t: the non-ignored gt
-    # of highest IoU if any, else the ignored one of highest IoU; equal IoU -> the later gt (pycocotools' scan).
-    d_rank = rank
+
+def _greedy_match(pair_d, pair_g, pair_iou, d_rank, g_ign, g_crowd, thr, D: int, G: int):
+    """pycocotools' greedy matching -> (matched [A, T, D], ignored [A, T, D]).
+
+    In detection rank order, for every (image, category) problem at once: at rank r each problem has at most one
+    detection, and problems share no gt, so one vector step per rank is exact. A detection takes, among gts not yet
+    matched (crowd gts always available) with IoU >= t: the non-ignored gt of highest IoU if any, else the ignored
+    one of highest IoU; equal IoU -> the later gt (pycocotools' scan)."""
+    A, T = g_ign.shape[0], len(thr)
     perms = [np.lexsort((pair_g, pair_iou, ~g_ign[a][pair_g], pair_d, d_rank[pair_d])) for a in range(A)]
     PG = np.stack([pair_g[pm] for pm in perms]) if len(pair_g) else np.zeros((A, 0), np.int64)
     PI = np.stack([pair_iou[pm] for pm in perms]) if len(pair_g) else np.zeros((A, 0))
@@ -129,8 +139,7 @@ def match(gt: GroundTruth, dets: np.ndarray, img_ids) -> Matches:
         g_matched[a, t, gm] = True
         dt_m[a, t, dd[seg[k]]] = True
         dt_ig[a, t, dd[seg[k]]] = g_ign[a, gm]
-    dt_ig |= ~dt_m & d_out[:, None, :]  # unmatched detections outside the area range are ignored
-    return Matches(img_ids, cat_ids, d_img, d_cat, rank, d_score, dt_m, dt_ig, g_img, g_cat, g_ign)
+    return dt_m, dt_ig
 
 
 def coco_eval_arrays(gt: GroundTruth, dets: np.ndarray, img_ids) -> tuple[np.ndarray, np.ndarray]:
