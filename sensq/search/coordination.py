@@ -156,7 +156,7 @@ class Coordinator:
             return value, True
 
 
-def coherent_store(root, evaluator):
+def coherent_store(root, evaluator, memory: int = 16):
     """A SampleStore whose memory cache notices when another worker sharing the cache directory replaced a result
     file (e.g. scored the rest of the search split of a model this worker only scored at low fidelity)."""
     from ..evaluators.scoring import SampleStore
@@ -185,4 +185,4 @@ def coherent_store(root, evaluator):
             super().put(key, samples)
             self._stamps[key] = self._stamp(key)
 
-    return CoherentSampleStore(root, evaluator)
+    return CoherentSampleStore(root, evaluator, memory)

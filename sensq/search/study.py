@@ -39,6 +39,8 @@ from .trials import TrialEvaluator
 
 log = logging.getLogger("sensq")
 
+STORE_MEMORY = 4  # per-sample results kept in memory (the rest is read back from the store's files when needed)
+
 
 @dataclass
 class SearchResult:
@@ -128,7 +130,8 @@ class SearchRun:
         """Split the evaluation set; score FP32 and all-INT8 on the search part; FP32 latency in this run."""
         s, ev = self.settings, self.evaluator
         n = min(s.limit or len(ev), len(ev))
-        self.store = coherent_store(cache_dir(self.ws.cfg) / "samples", ev)  # may be shared with other workers
+        # may be shared with other workers; few results in memory: one COCO model's is ~70 MB at 5,000 images
+        self.store = coherent_store(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY)
         self.scorer = Scorer(ev, self.store, np.arange(n))
         if self.scorer.per_sample:
             labels = getattr(getattr(ev, "data", None), "labels", None)
