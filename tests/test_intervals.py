@@ -74,7 +74,13 @@ def _check_against_pycocotools(gt, dets, image_ids, n_draws=4, seed=3):
         assert fast["mAP50"][b] == pytest.approx(ref[1], abs=1e-12), b
 
 
-def test_weighted_map_equals_pycocotools_on_resampled_synthetic_data():
+@pytest.mark.parametrize("way", ["matmul", "gather"])
+def test_weighted_map_equals_pycocotools_on_resampled_synthetic_data(way, monkeypatch):
+    """Both exact ways of counting the false positives before each true positive (small and large datasets)."""
+    import sensq.evaluators.coco.metric as metric
+
+    monkeypatch.setattr(metric, "MATMUL_FACTOR", 1e12 if way == "matmul" else 0)
+    monkeypatch.setattr(metric, "BLOCK", 64)  # several row blocks even on a small case
     for seed in range(3):
         gt, dets = _synthetic(seed)
         ids = np.array([im["id"] for im in gt.dataset["images"]])

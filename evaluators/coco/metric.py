@@ -189,20 +189,45 @@ def accumulate(mt: Matches) -> tuple[np.ndarray, np.ndarray]:
     return precision, recall
 
 
-def _weighted_ap(w: np.ndarray, tp_img: np.ndarray, fp_before: np.ndarray, npig_b: np.ndarray,
-                 rec_thrs: np.ndarray) -> np.ndarray:
+BLOCK = 1 << 22  # elements of one temporary [rows x detections] block: bounded memory at any dataset size
+MATMUL_FACTOR = 64  # per-image counts x weights (BLAS) while images x TPs <= this x FPs: the measured crossover
+
+
+def _fp_at_tps(w: np.ndarray, tp_pos: np.ndarray, fp_pos: np.ndarray, fp_img: np.ndarray) -> np.ndarray:
+    """[B, n_tp]: weighted count of false positives ranked before each true positive, for each weight row.
+
+    Two exact ways, the cheaper one chosen: per-image counts before each TP times the weights (a small matmul when
+    images are few), or the weights of the individual FPs summed per TP segment (linear in the FPs when images are
+    many). FPs after the last TP never reach a recall threshold and are left out of both."""
+    B, N = w.shape
+    n_tp = len(tp_pos)
+    n_before = np.searchsorted(fp_pos, tp_pos)  # FPs ranked before each TP
+    fp_img = fp_img[: n_before[-1]]  # FPs after the last TP never reach a recall threshold
+    if N * n_tp <= MATMUL_FACTOR * len(fp_img):
+        seg = np.searchsorted(tp_pos, fp_pos[: len(fp_img)])  # the first TP each FP precedes
+        before = np.bincount(seg * N + fp_img, minlength=n_tp * N).reshape(n_tp, N).astype(np.float64)
+        return w @ np.cumsum(before, axis=0).T
+    out = np.zeros((B, n_tp))
+    has = n_before > 0
+    rows = max(1, BLOCK // max(len(fp_img), 1))
+    for r in range(0, B, rows):  # running sum of the FP weights, read where each TP stands
+        cum = np.cumsum(w[r:r + rows, fp_img], axis=1)
+        out[r:r + rows, has] = cum[:, n_before[has] - 1]
+    return out
+
+
+def _weighted_ap(w: np.ndarray, tp_img: np.ndarray, fp: np.ndarray, npig_b: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
     """AP of one category at one IoU threshold for each weight row: the mean over recall thresholds of the
     precision envelope, as pycocotools accumulate() computes it on a dataset where image i appears w[b, i] times.
 
-    tp_img: image of each true positive in score order; fp_before: [n_tp, N] false positives of each image ranked
-    before each true positive; npig_b: [B] non-ignored ground truths per weight row (> 0).
+    tp_img: image of each true positive in score order; fp: [B, n_tp] weighted false positives ranked before each
+    (_fp_at_tps); npig_b: [B] non-ignored ground truths per weight row (> 0).
     pycocotools reads the envelope at the first detection whose recall reaches each threshold; recall only rises at
     true positives, so threshold r lands on true positive m exactly when rc[m-1] < r <= rc[m]: AP is the sum over
     true positives of envelope x (number of thresholds in that interval) / R."""
     if len(tp_img) == 0:
         return np.zeros(w.shape[0])
     tp = np.cumsum(w[:, tp_img], axis=1)  # [B, n_tp], integer-valued like pycocotools' cumsum
-    fp = w @ fp_before.T
     pr = tp / (fp + tp + np.spacing(1))  # the same float expression as pycocotools
     env = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
     rc = tp / npig_b[:, None]
@@ -245,11 +270,9 @@ def weighted_map(mt: Matches, weights: np.ndarray, max_det: int = 100) -> dict[s
             m, ig = mt.dt_m[0, t, idx], mt.dt_ig[0, t, idx]
             is_tp, is_fp = m & ~ig, ~m & ~ig
             tp_pos = np.flatnonzero(is_tp)
-            fp_onehot = np.zeros((len(idx) + 1, N))
-            fp_onehot[np.flatnonzero(is_fp) + 1, img[is_fp]] = 1.0
-            fp_before = np.cumsum(fp_onehot, axis=0)[tp_pos]  # FPs ranked before each TP, per image
+            fp = _fp_at_tps(w, tp_pos, np.flatnonzero(is_fp), img[is_fp]) if len(tp_pos) else None
             safe = np.where(npig[:, k] > 0, npig[:, k], 1.0)
-            ap[:, k, t] = _weighted_ap(w, img[tp_pos], fp_before, safe, rec_thrs)
+            ap[:, k, t] = _weighted_ap(w, img[tp_pos], fp, safe, rec_thrs)
     valid = npig > 0  # a category with no ground truth in a resample is left out, as pycocotools does (-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         m5095 = (ap.mean(axis=2) * valid).sum(axis=1) / valid.sum(axis=1)
