@@ -104,7 +104,7 @@ class DetectionSamples(SampleResults):
         idx = np.unique(np.asarray(indices, np.int64))
         key = idx.tobytes()
         if key not in self._matches:
-            if len(self._matches) > 8:
+            if len(self._matches) >= 2:  # ~100 MB each at 5,000 images
                 self._matches.clear()
             dets = np.concatenate([self.rows[int(i)] for i in idx]) if len(idx) else np.zeros((0, 7))
             self._matches[key] = match(self.gt, dets, self.image_ids[idx])
@@ -231,14 +231,17 @@ class PairedBootstrap:
         self.level = level
         self.w = np.vstack([bootstrap_weights(len(self.indices), n_boot, seed), jackknife_weights(len(self.indices))])
         self.n_boot = n_boot
-        self._cache: dict[int, tuple] = {}  # id -> (samples kept alive so the id stays theirs, value, draws, jackknife)
+        self._cache: dict[int, tuple] = {}  # id(samples) -> (value, draws, jackknife), dropped when samples are
 
     def _draws(self, samples: SampleResults) -> tuple[float, np.ndarray, np.ndarray]:
+        import weakref
+
         key = id(samples)
         if key not in self._cache:
             both = samples.metric(self.indices, self.w)
-            self._cache[key] = (samples, samples.value(self.indices), both[:self.n_boot], both[self.n_boot:])
-        return self._cache[key][1:]
+            self._cache[key] = (samples.value(self.indices), both[:self.n_boot], both[self.n_boot:])
+            weakref.finalize(samples, self._cache.pop, key, None)  # a new object may reuse the id later
+        return self._cache[key]
 
     def metric(self, samples: SampleResults) -> Interval:
         value, draws, jack = self._draws(samples)

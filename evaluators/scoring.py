@@ -70,7 +70,10 @@ def supports_indices(evaluator) -> bool:
 
 
 class SampleStore:
-    """Per-sample results on disk under root/<evaluator signature hash>/<model hash>.npz, with a small memory cache."""
+    """Per-sample results on disk under root/<evaluator signature hash>/<model hash>.npz, with a small memory cache.
+
+    The memory cache notices when another process sharing the folder replaced a file (e.g. scored the rest of a
+    model this process only scored at low fidelity): a changed file is read again."""
 
     def __init__(self, root: str | Path, evaluator, memory: int = 16):
         sig = getattr(evaluator, "signature", None)
@@ -78,12 +81,24 @@ class SampleStore:
         self.root = Path(root) / hashlib.sha256(sig.encode()).hexdigest()[:16]
         self.evaluator = evaluator
         self._memory: OrderedDict[str, SampleResults] = OrderedDict()
+        self._stamps: dict[str, tuple | None] = {}
         self._limit = memory
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.npz"
 
+    def _stamp(self, key: str) -> tuple | None:
+        try:
+            st = self._path(key).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
     def get(self, key: str) -> SampleResults | None:
+        stamp = self._stamp(key)
+        if key in self._memory and self._stamps.get(key) != stamp:
+            del self._memory[key]  # replaced on disk since it was read
+        self._stamps[key] = stamp
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
@@ -108,6 +123,7 @@ class SampleStore:
         tmp = self.root / f".{key}.{os.getpid()}.tmp.npz"
         np.savez(tmp, **samples.to_arrays())
         tmp.replace(self._path(key))  # atomic: a concurrent reader sees the old or the new file, never half of one
+        self._stamps[key] = self._stamp(key)
 
     def _remember(self, key: str, samples: SampleResults) -> None:
         self._memory[key] = samples

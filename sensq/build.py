@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import logging
 import types
 from pathlib import Path
@@ -232,7 +233,7 @@ class QDQBuilder:
         rows = [[n, m, g.qmin, g.qmax, g.symmetric, lo, hi] for (n, m, _, g), (lo, hi) in self._ranges.items()
                 if m in self.PERSISTED_METHODS]
         try:
-            tmp = self.range_cache.with_suffix(".tmp")
+            tmp = self.range_cache.with_suffix(f".{os.getpid()}.tmp")  # workers sharing the cache: one temp file each
             tmp.write_text(json.dumps({"version": range_methods.ALGORITHM_VERSION, "rows": rows}))
             tmp.replace(self.range_cache)
         except OSError as e:

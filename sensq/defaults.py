@@ -199,7 +199,7 @@ def _split_val(coco: Path, step: int, allow: bool, notes: list[str]) -> tuple[li
 
 
 def evaluator_for(data, task: str = "auto", model=None, labels=None, skip=None, mean=None, std=None, exclude=None,
-                  **_ignored):
+                  cache_dir=None, **_ignored):
     """The evaluator for `data` with the options the model's preprocessing implies."""
     from .evaluators import make_evaluator
 
@@ -210,6 +210,8 @@ def evaluator_for(data, task: str = "auto", model=None, labels=None, skip=None, 
         options["skip"] = skip
     if exclude:
         options["exclude"] = exclude
+    if cache_dir and task in ("auto", "coco", "yolo", "imagenet"):
+        options["pixel_cache"] = str(Path(cache_dir) / "pixels")  # preprocessed images beside the other caches
     if task in ("auto", "imagenet"):
         if mean:
             options["mean"] = mean

@@ -135,8 +135,9 @@ def test_evaluation_memory_does_not_grow_with_the_evaluation_set(tmp_path):
     model = _classifier(tmp_path / "cls.onnx")
     small, large = _traced(data, model, tmp_path / "px30", 30), _traced(data, model, tmp_path / "px600", 600)
     # 570 more crops kept in memory would be 570 x 3 KB = 1.7 MB (held and at the peak); per-sample results are
-    # 10 bytes per image
-    assert large[0] - small[0] < 0.3e6 and large[1] - small[1] < 0.5e6, (small, large)
+    # 10 bytes per image. The peak also moves with allocator state left by earlier tests (seen: +0.5 MB), so the
+    # bound is half of what keeping the crops would add.
+    assert large[0] - small[0] < 0.3e6 and large[1] - small[1] < 0.85e6, (small, large)
     ev = ClassificationEvaluator(data, input_size=32, batch_size=16, pixel_cache=tmp_path / "px600")
     # and the scores equal those from preprocessing every file directly
     res = ev.evaluate(str(model), limit=600, progress=False)

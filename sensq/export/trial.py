@@ -98,7 +98,9 @@ def choose_trial(workdir: str | Path, info: dict, trial: int | None) -> TrialCho
     picked = "given"
     if trial is None:
         trial, picked = _default_trial(Path(workdir))
-    study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
+    from ..search.coordination import open_storage
+
+    study = optuna.load_study(study_name=info["study_name"], storage=open_storage(info["storage"]))
     finished = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         data = trial_data(t)

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import socket
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,19 +63,34 @@ def machine_id(info: dict) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
+_LOCAL = threading.RLock()
+_DEPTH = [0]
+
+
 @contextlib.contextmanager
 def measurement_lock(lock_dir: str | Path | None = None):
-    """Exclusive lock on this machine for the duration of a timing (a no-op where fcntl is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no cross-process serialization
-        yield
-        return
-    root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "latency.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """Exclusive lock on this machine for the duration of a timing (a no-op where fcntl is unavailable).
+
+    Re-entrant within a process: only the outermost holder takes the file lock (a second flock on a new file
+    description of the same file would wait for the first, i.e. for itself)."""
+    with _LOCAL:
+        _DEPTH[0] += 1
         try:
-            yield
+            if _DEPTH[0] > 1:
+                yield
+                return
+            try:
+                import fcntl
+            except ImportError:  # Windows: no cross-process serialization
+                yield
+                return
+            root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / "latency.lock", "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            _DEPTH[0] -= 1

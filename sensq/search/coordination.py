@@ -154,35 +154,3 @@ class Coordinator:
             value = compute()
             self.put(key, value)
             return value, True
-
-
-def coherent_store(root, evaluator, memory: int = 16):
-    """A SampleStore whose memory cache notices when another worker sharing the cache directory replaced a result
-    file (e.g. scored the rest of the search split of a model this worker only scored at low fidelity)."""
-    from ..evaluators.scoring import SampleStore
-
-    class CoherentSampleStore(SampleStore):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._stamps: dict[str, tuple | None] = {}
-
-        def _stamp(self, key: str) -> tuple | None:
-            try:
-                st = self._path(key).stat()
-            except OSError:
-                return None
-            return st.st_mtime_ns, st.st_size, st.st_ino
-
-        def get(self, key):
-            stamp = self._stamp(key)
-            if key in self._memory and self._stamps.get(key) != stamp:
-                del self._memory[key]  # replaced on disk since it was read: read it again
-            found = super().get(key)
-            self._stamps[key] = stamp
-            return found
-
-        def put(self, key, samples) -> None:
-            super().put(key, samples)
-            self._stamps[key] = self._stamp(key)
-
-    return CoherentSampleStore(root, evaluator, memory)

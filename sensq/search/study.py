@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..errors import SensqError
 from ..evaluators.samples import PairedBootstrap
-from ..evaluators.scoring import Scorer, model_hash
+from ..evaluators.scoring import SampleStore, Scorer, model_hash
 from ..latency import Reference, macs_per_node, machine_info, make_latency_backend, measurement_lock
 from ..plan import PrecisionPlan
 from ..quantize import cache_dir
@@ -34,7 +34,7 @@ from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
 from .splits import Split, make_split
 from . import workers
-from .coordination import Coordinator, coherent_store, open_storage
+from .coordination import Coordinator, open_storage
 from .trials import TrialEvaluator
 
 log = logging.getLogger("sensq")
@@ -131,7 +131,7 @@ class SearchRun:
         s, ev = self.settings, self.evaluator
         n = min(s.limit or len(ev), len(ev))
         # may be shared with other workers; few results in memory: one COCO model's is ~70 MB at 5,000 images
-        self.store = coherent_store(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY)
+        self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY)
         self.scorer = Scorer(ev, self.store, np.arange(n))
         if self.scorer.per_sample:
             labels = getattr(getattr(ev, "data", None), "labels", None)
@@ -367,7 +367,9 @@ class SearchRun:
                "metric_name": self.sens.metric_name, "split": self.split.to_dict(), "groups": self.groups,
                "ranked_groups": self.ranked, "target": self.target.name, "latency_backend": self.backend.spec,
                "latency_unit": self.backend.unit, "machine": self.machine}
-        (self.workdir / "search.json").write_text(json.dumps(doc, indent=1, default=str))
+        tmp = self.workdir / f".search.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        tmp.replace(self.workdir / "search.json")  # atomic: export and other workers never read half a file
 
     # ---------------------------------------------------------------------------------------------- driver
     def run(self) -> SearchResult:

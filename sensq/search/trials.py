@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 
-from ..latency import bops, measure_paired, structure_key
+from ..latency import bops, measure_paired, measurement_lock, structure_key
 from ..latency.fusion import fusion_report
 from ..plan import PrecisionPlan
 from ..runtime import make_session
@@ -61,7 +61,11 @@ class TrialEvaluator:
         found = run.book.get(key)
         if found is not None:
             return found
-        lat = measure_paired(run.backend, model, run.reference_timer, lock_dir=run.lock_dir)
+        with measurement_lock(run.lock_dir):  # re-entrant: measure_paired takes it again
+            found = run.book.get(key)  # another worker may have measured this structure while we waited
+            if found is not None:
+                return found
+            lat = measure_paired(run.backend, model, run.reference_timer, lock_dir=run.lock_dir)
         value = {**lat.to_dict(), "machine_id": run.machine["machine_id"], "run_id": run.run_id,
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         value.pop("details", None)
