@@ -52,6 +52,18 @@ def imagenet_dir(data_dir) -> Path:
     return _need("imagenet")
 
 
+@pytest.fixture(scope="session")
+def yolov5n_ws(yolov5n, coco_dir):
+    """yolov5n calibrated on every 4th train2017 image (50), shared by the tests that only read it. Tests must not
+    change it (build() returns new models; plans are immutable values)."""
+    from sensq.config import InputParams, QuantizeConfig
+    from sensq.quantize import prepare
+
+    cfg = QuantizeConfig(onnx_model=str(yolov5n), calibration_step=4,
+                         inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))])
+    return prepare(cfg, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ PostgreSQL
 # A throw-away PostgreSQL server for the multi-worker tests (real storage, no mocks). .ci/run installs the binaries
 # and sets SENSQ_REQUIRE_POSTGRES, which turns "binaries missing" into a failure.

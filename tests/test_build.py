@@ -13,9 +13,7 @@ from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantType
 
 from sensq.build import QDQBuilder, prepare_model
-from sensq.config import InputParams, QuantizeConfig
 from sensq.plan import PrecisionPlan
-from sensq.quantize import prepare
 from sensq.runtime import make_session
 from sensq.statistics import CalibrationStats, TensorStats, float_activation_names
 from sensq.targets import get_target
@@ -131,10 +129,8 @@ def test_unknown_float_node_is_a_user_error(tmp_path):
         builder.build(PrecisionPlan(float_nodes=["nope"]))
 
 
-def test_yolov5n_decode_stays_float_and_build_is_deterministic(yolov5n, coco_dir, tmp_path):
-    cfg = QuantizeConfig(onnx_model=str(yolov5n), calibration_step=4,
-                         inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))])
-    ws = prepare(cfg, progress=False)
+def test_yolov5n_decode_stays_float_and_build_is_deterministic(yolov5n_ws):
+    ws = yolov5n_ws
     assert ws.head is not None and ws.head.kind == "yolov5"
     assert sorted(ws.head.cut_tensors) == [f"/model.24/m.{i}/Conv_output_0" for i in range(3)]
     q1, q2 = ws.build(), ws.build()

@@ -18,11 +18,9 @@ import pytest
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from sensq.config import InputParams, QuantizeConfig
 from sensq.export import ExportContext, TrialChoice
 from sensq.export import nncf_scope, ort_exclude, trtexec
 from sensq.plan import PrecisionPlan
-from sensq.quantize import prepare
 
 from test_search import make_tiny
 
@@ -143,10 +141,8 @@ def test_trtexec_names_with_special_characters(tmp_path):
 
 # ------------------------------------------------------------------ yolov5n workspace (trtexec, ort-exclude, nncf)
 @pytest.fixture(scope="module")
-def yolo_ws(yolov5n, coco_dir):
-    cfg = QuantizeConfig(onnx_model=str(yolov5n), calibration_step=4,
-                         inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))])
-    return prepare(cfg, progress=False)
+def yolo_ws(yolov5n_ws):
+    return yolov5n_ws
 
 
 @pytest.fixture(scope="module")

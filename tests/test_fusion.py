@@ -85,14 +85,10 @@ def test_float_conv_between_dq_and_q_is_requantized_by_ort():
     assert not np.array_equal(default, kept_float)
 
 
-def test_yolov5n_decode_head_is_not_reported_as_requantized(yolov5n, coco_dir):
+def test_yolov5n_decode_head_is_not_reported_as_requantized(yolov5n_ws):
     """ORT duplicates DQs and moves Q/DQ across the head's Reshape/Transpose; neither is weight re-quantization.
     Independent check: disabling WeightBiasQuantization leaves the outputs bit-identical."""
-    from sensq.config import InputParams, QuantizeConfig
-    from sensq.quantize import prepare
-
-    ws = prepare(QuantizeConfig(onnx_model=str(yolov5n), calibration_step=4,
-                                inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))]), progress=False)
+    ws = yolov5n_ws
     q = ws.build()
     r = fusion_report(q, reference=ws.model)
     assert r["requantized_float_nodes"] == [] and r["island_q"] == 0

@@ -151,3 +151,35 @@ def test_bad_storage_url_cli_exit_code(tiny, tmp_path, capsys):
     assert main(tiny.search_args(tmp_path / "w", 2, "--storage", url)) == 2
     err = capsys.readouterr().err
     assert err.startswith("sensq: error: cannot open Optuna storage") and "Traceback" not in err
+
+
+def test_each_worker_samples_with_its_own_seed_and_seeds_are_entered_once(tiny, tmp_path, monkeypatch):
+    """Issue 8 item 12: two workers of one study (here one after the other on one SQLite storage) get sampler seeds
+    --seed + worker, and the seeded plans are entered into the study once, not once per worker."""
+    from sensq.search import study as study_module
+
+    seeds = []
+    original = study_module.make_sampler
+
+    def recording(strategy, seed, n_warm):
+        seeds.append(seed)
+        return original(strategy, seed, n_warm)
+
+    monkeypatch.setattr(study_module, "make_sampler", recording)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    run_search(ws, ev, tiny_settings(tmp_path / "w0", 3, storage=url, worker=0), progress=False)
+    run_search(ws, ev, tiny_settings(tmp_path / "w1", 5, storage=url, worker=1), progress=False)
+    assert seeds == [0, 1]
+    study = load_study(tmp_path / "w1")
+    labels = [t.user_attrs.get("label") for t in study.trials if t.user_attrs.get("source") == "seed"]
+    assert sorted(labels) == sorted(set(labels)) and "all-INT8" in labels  # each seed once
+    assert len(searched(study_records(tmp_path / "w1"))) == 5  # the study's total, not 3 + 5
+
+
+def test_cli_search_limit_restricts_the_evaluation_set(tiny, tmp_path):
+    """Issue 8 item 16: `sensq search --limit N` scores only the first N samples (search and confirm parts)."""
+    workdir = tmp_path / "w"
+    assert main(tiny.search_args(workdir, 2, "--limit", "6")) == 0
+    split = json.loads((workdir / "search.json").read_text())["split"]
+    assert sorted(split["search"] + split["confirm"]) == list(range(6))

@@ -10,7 +10,6 @@ import pytest
 
 from sensq.cli import main
 from sensq.defaults import build_config
-from sensq.config import InputParams, QuantizeConfig
 from sensq.quantize import prepare
 from sensq.runtime import make_session
 from sensq.sensitivity import quantizable_groups, run_sensitivity, summary, write_report
@@ -23,10 +22,8 @@ TOP_LINE = re.compile(r"^Top(\d+): float (\S+) → neg_mse (-?\d+\.\d{4}) \(([+-
 
 
 @pytest.fixture(scope="module")
-def yolo_ws(yolov5n, coco_dir):
-    cfg = QuantizeConfig(onnx_model=str(yolov5n), calibration_step=8,
-                         inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))])
-    return prepare(cfg, progress=False)
+def yolo_ws(yolov5n_ws):
+    return yolov5n_ws
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +178,18 @@ def test_cli_sensitivity_writes_reports(tiny, tmp_path, capsys):
     assert np.allclose(csv["delta"], csv["metric"] - int8, rtol=0, atol=1e-12)
     assert main(args) == 0  # rerun: from the cache in <out>/cache, same table
     pd.testing.assert_frame_equal(pd.read_csv(out / "sensitivity.csv"), csv)
+
+
+def test_report_states_the_proxy_agreement_of_its_own_table(tiny, tmp_path):
+    """Issue 8 item 14: the ρ printed in sensitivity.md is Spearman's ρ of the CSV's proxy_snr vs delta columns,
+    recomputed here with pandas (average ranks), not through sensq.sensitivity.spearman."""
+    out = tmp_path / "out"
+    assert main(["sensitivity", *tiny.model_args(), "--data", str(tiny.data), "--task", tiny.task, "--limit", "8",
+                 "--unit", "node", "-o", str(out), "-q"]) == 0
+    csv = pd.read_csv(out / "sensitivity.csv")
+    scored = csv[csv["scored_by"] == "metric"]
+    assert len(scored) == 3
+    expected = scored["proxy_snr"].rank().corr(scored["delta"].rank())
+    printed = re.search(r"Spearman's ρ .* = \*\*(-?\d+\.\d\d)\*\*", (out / "sensitivity.md").read_text())
+    assert printed, "no proxy agreement line in sensitivity.md"
+    assert float(printed.group(1)) == pytest.approx(round(expected, 2), abs=0.005)
