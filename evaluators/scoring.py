@@ -8,6 +8,8 @@ subsets, intervals and pruning are then unavailable, and callers say so.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import inspect
 import os
@@ -135,8 +137,11 @@ class SampleStore:
 class Scorer:
     """evaluate() on the samples a model has not been scored on yet; returns all its per-sample results."""
 
-    def __init__(self, evaluator, store: SampleStore, universe):
+    def __init__(self, evaluator, store: SampleStore, universe, busy=None):
+        """busy: a context-manager factory held around each evaluation (the search passes the machine's shared
+        evaluation lock, so that no other worker on this machine times a model while this one evaluates)."""
         self.evaluator, self.store = evaluator, store
+        self.busy = busy or contextlib.nullcontext
         self.universe = np.asarray(universe, np.int64)
         self.per_sample = supports_indices(evaluator)
         self.seconds = 0.0
@@ -150,11 +155,13 @@ class Scorer:
             return have
         t0 = time.perf_counter()
         if not self.per_sample:
-            res = self.evaluator.evaluate(model, limit=len(self.universe), progress=False)
+            with self.busy():
+                res = self.evaluator.evaluate(model, limit=len(self.universe), progress=False)
             samples = ScalarSamples(self.universe, float(res.value), res.primary)
         else:
             todo = idx if have is None else idx[~np.isin(idx, have.indices)]
-            res = self.evaluator.evaluate(model, indices=[int(i) for i in todo], progress=False)
+            with self.busy():
+                res = self.evaluator.evaluate(model, indices=[int(i) for i in todo], progress=False)
             if res.samples is None:
                 raise TypeError(f"evaluator {type(self.evaluator).__name__} accepts indices but returned no samples")
             samples = res.samples if have is None else have.merge(res.samples)

@@ -451,3 +451,74 @@ def test_machine_info_names_isa_and_runtime():
     assert info["threads"] == 2 and info["runtime_version"] and info["machine_id"] == machine_id(info)
     assert machine_id({**info, "threads": 1}) != info["machine_id"]  # other thread count: other machine
     assert machine_id({**info, "date": "2000-01-01"}) == info["machine_id"]  # the date is provenance, not identity
+
+
+# ------------------------------------------------------------------------------------------------ machine lock
+def _hold(lock_dir, exclusive, held, release):
+    from sensq.latency import evaluation_lock, measurement_lock
+
+    with (measurement_lock if exclusive else evaluation_lock)(lock_dir):
+        held.set()
+        release.wait(20)
+
+
+def _acquires_within(lock, lock_dir, seconds) -> bool:
+    """Whether this process gets `lock` within `seconds` (tried on a thread, released at once)."""
+    import threading
+
+    got = threading.Event()
+
+    def take():
+        with lock(lock_dir):
+            got.set()
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    ok = got.wait(seconds)
+    return ok, t
+
+
+@pytest.mark.parametrize("other_exclusive,mine_exclusive,waits", [
+    (False, True, True),    # another worker evaluates: a timing waits for it
+    (True, False, True),    # another worker times: an evaluation waits for it
+    (True, True, True),     # two timings never overlap
+    (False, False, False),  # evaluations run side by side
+], ids=["timing-waits-for-evaluation", "evaluation-waits-for-timing", "timings-serialized", "evaluations-share"])
+def test_machine_lock_across_processes(tmp_path, other_exclusive, mine_exclusive, waits):
+    import multiprocessing as mp
+
+    from sensq.latency import evaluation_lock, measurement_lock
+
+    ctx = mp.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold, args=(str(tmp_path), other_exclusive, held, release))
+    other.start()
+    try:
+        assert held.wait(30), "the other process never took its lock"
+        ok, thread = _acquires_within(measurement_lock if mine_exclusive else evaluation_lock, tmp_path, 0.5)
+        assert ok is (not waits)
+        release.set()
+        thread.join(10)
+        assert not thread.is_alive()  # once the other process lets go, this one gets it
+    finally:
+        release.set()
+        other.join(10)
+
+
+def test_timing_inside_an_evaluation_is_exclusive_and_goes_back_to_shared(tmp_path):
+    """Re-entrant within a process: a timing inside this process's own evaluation does not wait for itself, holds
+    the machine exclusively (another process cannot evaluate meanwhile), and leaves the shared hold as it was."""
+    import multiprocessing as mp
+
+    from sensq.latency import evaluation_lock, measurement_lock
+
+    ctx = mp.get_context("spawn")
+    with evaluation_lock(tmp_path):
+        with measurement_lock(tmp_path):
+            held, release = ctx.Event(), ctx.Event()
+            other = ctx.Process(target=_hold, args=(str(tmp_path), False, held, release))
+            other.start()
+            assert not held.wait(1.0)  # the other evaluation waits for this timing
+        assert held.wait(20)  # back to shared: it may evaluate alongside this one now
+        release.set()
+        other.join(10)

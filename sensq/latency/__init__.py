@@ -25,7 +25,7 @@ from .bops import BopsLatency
 from .command import CommandLatency, parse_latency_ms
 from .fusion import fusion_report, optimized_graph
 from .graph import COMPUTE_OPS, LayerCost, bops, layer_costs, macs_per_node, node_key, quantized_nodes, structure_key
-from .machine import has_vnni, machine_id, machine_info, measurement_lock
+from .machine import evaluation_lock, has_vnni, machine_id, machine_info, measurement_lock
 from .openvino import OpenVinoLatency, measure_in_blocks
 from .ort import OrtLatency, random_inputs
 from .paired import PairedLatency, Reference, measure_paired
@@ -35,5 +35,6 @@ __all__ = ["LatencyBackend", "LatencyResult", "ModelLike", "Timer", "available_l
            "make_latency_backend", "median_ci", "register_latency_backend", "BopsLatency", "CommandLatency",
            "parse_latency_ms", "COMPUTE_OPS", "LayerCost", "bops", "layer_costs", "macs_per_node", "node_key",
            "quantized_nodes", "structure_key", "has_vnni", "machine_id", "machine_info", "measurement_lock",
+           "evaluation_lock",
            "OrtLatency", "random_inputs", "OpenVinoLatency", "measure_in_blocks",
            "fusion_report", "optimized_graph", "PairedLatency", "Reference", "measure_paired", "TableLatency"]

@@ -2,8 +2,8 @@
 
 Latency is the one quantity that depends on the machine: every measurement carries the id of the machine it was
 taken on, and ratios are only ever formed between models timed on the same machine in the same rounds. Several
-sensq processes on one machine take `measurement_lock()` around their timing so that one's inference does not
-slow the other's measurement down.
+sensq processes on one machine take `measurement_lock()` (exclusive) around their timing and `evaluation_lock()`
+(shared) around their evaluation, so that no other worker's inference runs while one is timing.
 """
 from __future__ import annotations
 
@@ -63,34 +63,64 @@ def machine_id(info: dict) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-_LOCAL = threading.RLock()
-_DEPTH = [0]
+class _MachineLock:
+    """This process's hold on `<lock_dir>/latency.lock`: exclusive while it times a model, shared while it evaluates.
 
+    flock(2) gives the cross-process semantics: a timing waits until no sensq process on the machine is evaluating
+    and keeps new evaluations waiting until it is done; evaluations run side by side. Within a process the hold is
+    re-entrant (a second flock on a new file description of the same file would wait for the first, i.e. for
+    itself); a timing inside an evaluation converts the shared hold to exclusive and back. Threads of one process
+    take it one at a time."""
 
-@contextlib.contextmanager
-def measurement_lock(lock_dir: str | Path | None = None):
-    """Exclusive lock on this machine for the duration of a timing (a no-op where fcntl is unavailable).
+    def __init__(self):
+        self.local = threading.RLock()
+        self.file = None
+        self.mode = None  # fcntl.LOCK_SH or LOCK_EX while held
+        self.depth = 0
 
-    Re-entrant within a process: only the outermost holder takes the file lock (a second flock on a new file
-    description of the same file would wait for the first, i.e. for itself)."""
-    with _LOCAL:
-        _DEPTH[0] += 1
+    @contextlib.contextmanager
+    def hold(self, lock_dir, exclusive: bool):
         try:
-            if _DEPTH[0] > 1:
-                yield
-                return
+            import fcntl
+        except ImportError:  # Windows: no cross-process coordination
+            yield
+            return
+        want = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        with self.local:
+            if self.depth == 0:
+                root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
+                root.mkdir(parents=True, exist_ok=True)
+                self.file = open(root / "latency.lock", "a+")
+                fcntl.flock(self.file, want)
+                self.mode, previous = want, None
+            elif want == fcntl.LOCK_EX and self.mode == fcntl.LOCK_SH:
+                fcntl.flock(self.file, fcntl.LOCK_EX)  # a timing inside an evaluation: wait for the other evaluators
+                self.mode, previous = want, fcntl.LOCK_SH
+            else:
+                previous = None  # already held at least as strongly
+            self.depth += 1
             try:
-                import fcntl
-            except ImportError:  # Windows: no cross-process serialization
                 yield
-                return
-            root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
-            root.mkdir(parents=True, exist_ok=True)
-            with open(root / "latency.lock", "a+") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
-        finally:
-            _DEPTH[0] -= 1
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    fcntl.flock(self.file, fcntl.LOCK_UN)
+                    self.file.close()
+                    self.file, self.mode = None, None
+                elif previous is not None:
+                    fcntl.flock(self.file, previous)
+                    self.mode = previous
+
+
+_LOCK = _MachineLock()
+
+
+def measurement_lock(lock_dir: str | Path | None = None):
+    """Exclusive hold on this machine for the duration of a timing: no other sensq process times or evaluates
+    meanwhile (a no-op where fcntl is unavailable). Re-entrant within a process."""
+    return _LOCK.hold(lock_dir, exclusive=True)
+
+
+def evaluation_lock(lock_dir: str | Path | None = None):
+    """Shared hold while evaluating: any number of evaluations at once, but none while another process times."""
+    return _LOCK.hold(lock_dir, exclusive=False)

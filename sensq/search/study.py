@@ -23,7 +23,8 @@ from tqdm import tqdm
 from ..errors import SensqError
 from ..evaluators.samples import PairedBootstrap
 from ..evaluators.scoring import SampleStore, Scorer, model_hash
-from ..latency import Reference, macs_per_node, machine_info, make_latency_backend, measurement_lock
+from ..latency import (Reference, evaluation_lock, macs_per_node, machine_info, make_latency_backend,
+                       measurement_lock)
 from ..plan import PrecisionPlan
 from ..quantize import cache_dir
 from ..search_spaces import load_space
@@ -132,7 +133,7 @@ class SearchRun:
         n = min(s.limit or len(ev), len(ev))
         # may be shared with other workers; few results in memory: one COCO model's is ~70 MB at 5,000 images
         self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY)
-        self.scorer = Scorer(ev, self.store, np.arange(n))
+        self.scorer = Scorer(ev, self.store, np.arange(n), busy=lambda: evaluation_lock(self.lock_dir))
         if self.scorer.per_sample:
             labels = getattr(getattr(ev, "data", None), "labels", None)
             self.split = make_split(n, s.confirm, s.low_fidelity, s.seed, None if labels is None else labels[:n])
