@@ -128,8 +128,9 @@ def bench_build(cache: str) -> dict:
 # ------------------------------------------------------------------------------------------------ accuracy
 def bench_accuracy(cache: str) -> dict:
     from sensq.evaluators import make_evaluator
-    from sensq.latency import make_latency_backend
+    from sensq.latency import Reference, make_latency_backend, measure_paired
     from sensq.quantize import prepare
+    from sensq.targets import get_target
 
     lat = make_latency_backend("ort")
     out = {}
@@ -141,19 +142,27 @@ def bench_accuracy(cache: str) -> dict:
     }
     variants = [("default", {}), ("minmax", {"method": "minmax"}), ("percentile 99.99", {"method": "percentile", "percentile": 99.99}),
                 ("percentile 99.999", {"method": "percentile", "percentile": 99.999}), ("kl", {"method": "kl"}),
-                ("mse", {"method": "mse"}), ("default, overflow_fix=all", {"overflow_fix": "all"}),
+                ("mse", {"method": "mse"}), ("default, overflow_fix=first_layer", {"overflow_fix": "first_layer"}),
+                ("default, overflow_fix=all", {"overflow_fix": "all"}),
                 ("default, overflow_fix=none", {"overflow_fix": "none"}), ("default, per-tensor weights", {"per_channel": False})]
     for name, (cfg, ev) in setups.items():
         ws = prepare(cfg, progress=False)
-        rows = {"FP32": {"metric": ev.evaluate(ws.model, progress=False).value, "latency_ms": lat.measure(ws.model).ms}}
+        plan = ws.base_plan
+        default_fix = plan.overflow_fix or get_target(plan.target, plan.activation_type).overflow_fix
+        ref = Reference(lat, ws.model)  # every variant timed paired with FP32 (ratio with its 95 % interval)
+        rows = {"FP32": {"metric": ev.evaluate(ws.model, progress=False).value, "ratio": 1.0, "ratio_ci": [1.0, 1.0]}}
         for label, change in variants:
             q = ws.build(ws.base_plan.with_float([], **change))
-            rows[label] = {"metric": ev.evaluate(q, progress=False).value, "latency_ms": lat.measure(q).ms}
-        out[name] = {"metric_name": ev.primary, "rows": rows}
-        print(f"\n{name}: {ev.primary} ({len(ev)} samples) and ORT CPU latency (2 threads)")
-        print(f"{'':32}{ev.primary:>10}{'ms':>10}")
+            p = measure_paired(lat, q, ref)
+            rows[label] = {"metric": ev.evaluate(q, progress=False).value, "ratio": p.ratio, "ratio_ci": list(p.ratio_ci),
+                           "ms": p.value, "ms_iqr": p.value_iqr, "fp32_ms_same_rounds": p.ref_value,
+                           "overflow_fix": change.get("overflow_fix", default_fix)}
+        out[name] = {"metric_name": ev.primary, "rows": rows, "default_overflow_fix": default_fix}
+        print(f"\n{name}: {ev.primary} ({len(ev)} samples); ORT CPU latency (2 threads) paired with FP32 "
+              f"(default overflow fix on this CPU: {default_fix})")
+        print(f"{'':36}{ev.primary:>10}  latency x FP32 [95% CI]")
         for label, r in rows.items():
-            print(f"{label:32}{r['metric']:>10.4f}{r['latency_ms']:>10.2f}")
+            print(f"{label:36}{r['metric']:>10.4f}  {r['ratio']:.3f} [{r['ratio_ci'][0]:.3f}, {r['ratio_ci'][1]:.3f}]")
     return out
 
 

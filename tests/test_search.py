@@ -124,15 +124,36 @@ def test_every_prune_in_a_run_is_backed_by_its_stored_samples(tiny, tmp_path):
     store = SampleStore(cache_dir(ws.cfg) / "samples", ev)
     split = json.loads((workdir / "search.json").read_text())["split"]
     low = np.asarray(split["search"][: split["low"]])
-    for r in recs.values():
-        if not r.pruned:
-            continue
+    pruned = [r for r in recs.values() if r.pruned]
+    assert pruned, "no trial was stopped: the check below would be vacuous"
+    for r in pruned:
         other = recs[r.pruned["by"]]
         assert other.full and no_slower(other.plan, r.plan)
         mine, theirs = store.get(r.model_hash), store.get(other.model_hash)
-        iv = PairedBootstrap(low, 1000, 0).difference(mine, theirs)
+        # the documented rule: 2,000 resamples, one-sided 1 % per decision split over its (up to) 3 tests
+        iv = PairedBootstrap(low, 2000, 0, level=1 - 2 * 0.01 / 3).difference(mine, theirs)
         assert (iv.value, iv.lo, iv.hi) == pytest.approx((r.pruned["diff"], r.pruned["lo"], r.pruned["hi"]))
         assert iv.hi < 0 and r.fidelity == len(low)
+
+
+def test_sensitivity_ranks_on_samples_disjoint_from_the_low_fidelity_subset(tiny, tmp_path, monkeypatch):
+    """Seeds are the top groups of the sensitivity ranking; ranked on the low-fidelity samples themselves, a seed
+    would look better there than it is and stop trials that are level with it."""
+    from sensq.search import study as study_module
+
+    seen = []
+    original = study_module.run_sensitivity
+
+    def recording(ws, ev, indices=None, **kw):
+        seen.append(sorted(int(i) for i in indices))
+        return original(ws, ev, indices=indices, **kw)
+
+    monkeypatch.setattr(study_module, "run_sensitivity", recording)
+    workdir = _run(tiny, tmp_path / "w", 3)
+    split = json.loads((workdir / "search.json").read_text())["split"]
+    low = set(split["search"][: split["low"]])
+    assert len(seen) == 1 and len(seen[0]) == split["low"]
+    assert set(seen[0]) <= set(split["search"]) and not set(seen[0]) & low
 
 
 def test_same_seed_same_plans_even_with_a_noisy_timed_backend(tiny, tmp_path):

@@ -3,8 +3,10 @@ cannot reach the front.
 
 A trial is stopped when some finished trial (a) cannot be slower than it — its float nodes are a subset of the
 trial's and it has the same weight/activation layout, so its QDQ graph runs a subset of the trial's float work —
-and (b) scores better on the same low-fidelity samples with the upper bound of the paired 95 % bootstrap interval
-of (trial - other) below zero. Then the other trial dominates it with evidence, and the front cannot gain it.
+and (b) scores better on the same low-fidelity samples with the upper bound of the paired bootstrap interval of
+(trial - other) below zero, at a one-sided level of 1 % for the whole decision (Bonferroni over its up to
+MAX_TESTS tests; 2,000 resamples). Then the other trial dominates it with evidence, and the front cannot gain it.
+The level is strict because a stop saves little (a few seconds per trial) and a wrong stop can lose a front point.
 Latency is judged by structure, not by measurement, so the decision is reproducible (no timing noise in it).
 The benchmark (bench/bench_search.py) evaluates every stopped trial in full afterwards and counts false prunes.
 """
@@ -13,6 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 MAX_TESTS = 3  # bootstrap tests per decision: the most negative point differences first
+PRUNE_ALPHA = 0.01  # one-sided error rate of one stop decision
+PRUNE_LEVEL = 1.0 - 2.0 * PRUNE_ALPHA / MAX_TESTS  # two-sided level of each test's interval (its upper bound is used)
+PRUNE_BOOT = 2000  # resamples: the bound sits ~7 resamples into the tail
 
 
 @dataclass

@@ -30,6 +30,7 @@ from ..quantize import cache_dir
 from ..search_spaces import load_space
 from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 from ..targets import get_target
+from .fidelity import PRUNE_BOOT, PRUNE_LEVEL
 from .proposals import Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
@@ -141,7 +142,7 @@ class SearchRun:
             log.warning("evaluator %s returns no per-sample results: no held-out confirmation, no intervals, no pruning",
                         getattr(ev, "name", type(ev).__name__))
             self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
-        self.low_boot = PairedBootstrap(self.split.low_indices, s.n_boot, s.seed)
+        self.low_boot = PairedBootstrap(self.split.low_indices, max(s.n_boot, PRUNE_BOOT), s.seed, level=PRUNE_LEVEL)
         self.fp32_hash = model_hash(self.ws.model)
         int8_model = self.ws.build()
         self.int8_hash = model_hash(int8_model)
@@ -189,12 +190,12 @@ class SearchRun:
         s = self.settings
 
         def compute() -> dict:
-            return run_sensitivity(self.ws, self.evaluator, indices=self.split.low_indices, depth=s.depth, by=s.group_by,
+            return run_sensitivity(self.ws, self.evaluator, indices=self.split.sensitivity_indices, depth=s.depth, by=s.group_by,
                                    progress=self.progress, cache=self.workdir / "cache",
                                    budget_seconds=s.sensitivity_budget, scorer=self.scorer).to_json()
 
         # one pass per study: every worker ranks (and so toggles) the same groups
-        key = sensitivity_key(self.ws, self.evaluator, self.split.low_indices, s.depth, s.group_by, s.sensitivity_budget, 8)
+        key = sensitivity_key(self.ws, self.evaluator, self.split.sensitivity_indices, s.depth, s.group_by, s.sensitivity_budget, 8)
         doc, _ = self.coord.shared(f"sensitivity:{key}", compute)
         self.sens = SensitivityResult.from_json(doc)
         self.ranked = [g for g in self.sens.ranked_groups if g in self.groups]
@@ -232,9 +233,9 @@ class SearchRun:
         self.write_search_json()
 
     def warm_start(self) -> None:
-        """Seeds (all-INT8, top 1/2/3 groups float) and the sensitivity pass's leave-one-out plans, entered once per
-        study: under the study lock, each entry skipped when a trial with its label exists (a worker killed halfway
-        through seeding leaves no duplicate behind)."""
+        """Seeds (all-INT8 and the first steps of the greedy path: top 1..k groups float, k = budget/10 within 3..5)
+        and the sensitivity pass's leave-one-out plans, entered once per study: under the study lock, each entry
+        skipped when a trial with its label exists (a worker killed halfway through seeding leaves no duplicate)."""
         if self.settings.strategy == "greedy":
             return
         with self.coord.lock():
@@ -243,7 +244,8 @@ class SearchRun:
             have = {(t.user_attrs.get("source"), t.user_attrs.get("label")) for t in self.study.get_trials(deepcopy=False)}
             d = self.defaults()
             toggled = self.space.toggled(self.ranked)
-            seeds = [0] if self.settings.strategy == "random" else range(min(3, len(toggled)) + 1)
+            depth = min(max(3, self.settings.budget // 10), 5, len(toggled))
+            seeds = [0] if self.settings.strategy == "random" else range(depth + 1)
             for n in seeds:
                 label = "all-INT8" if n == 0 else f"seed: top-{n} float"
                 if ("seed", label) not in have:
@@ -262,7 +264,7 @@ class SearchRun:
                 continue
             plan = self.ws.base_plan.with_float(self.groups[g])
             rec = self.evaluate_trial.record(len(self.study.trials), plan, f"sensitivity: {g} float", "sensitivity", [g])
-            rec.fidelity, rec.metric, rec.delta_int8, rec.model_hash = self.split.low, float(row["metric"]), float(row["delta"]), row["model_hash"]
+            rec.fidelity, rec.metric, rec.delta_int8, rec.model_hash = len(self.split.sensitivity_indices), float(row["metric"]), float(row["delta"]), row["model_hash"]
             params = self.space.seed_params(self.ranked, [g], defaults)
             trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
                                               values=[rec.delta_int8, rec.cost_proxy],
