@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,6 +36,7 @@ RESULTS = REPO / "bench" / "results"
 MODELS = {"yolov5n": DATA / "models" / "yolov5n.onnx", "efficientnet": DATA / "imagenet" / "efficientnet_lite0.onnx"}
 BUDGETS = (10, 20, 50)
 HV_MARGIN = 0.03
+HV_BOOT = 1000  # bootstrap resamples of the confirm images for the HV intervals
 
 
 def write_results(name: str, obj) -> Path:
@@ -64,25 +67,26 @@ def run_strategy(ws, ev, strategy: str, args, cache: Path, workdir: Path, book):
     return run, result
 
 
-def confirm_metric(run, rec) -> dict:
-    """Confirm-split metric and paired difference to FP32 of a trial (scored now if the search did not)."""
-    from sensq.evaluators.samples import PairedBootstrap
+def confirm_samples(run, rec):
+    """Per-sample results of a trial covering the confirm split (scored now if the search did not)."""
     from sensq.plan import PrecisionPlan
 
     idx = run.split.confirm
     samples = run.store.get(rec.model_hash)
     if samples is None or not samples.has(idx):
         samples = run.scorer.score(run.ws.build(PrecisionPlan.from_dict(rec.plan)), rec.model_hash, idx)
-    boot = PairedBootstrap(idx, 1000, run.settings.seed)
-    d = boot.difference(samples, run.store.get(run.fp32_hash))
-    return {"metric": samples.value(idx), "d_fp32": d.value, "d_fp32_lo": d.lo, "d_fp32_hi": d.hi}
+    return samples
 
 
 def budget_curve(run, recs) -> dict:
-    """Hypervolume on the confirm split of the front of the first b counted plans, for each b."""
+    """Hypervolume on the confirm split of the front of the first b counted plans, for each b, and the same on each
+    bootstrap resample of the confirm images (the same resamples for every strategy: their differences get
+    intervals). Latency ratios are the measured ones (not resampled); the reference point is fixed."""
+    from sensq.evaluators.samples import PairedBootstrap
     from sensq.search.pareto import front_indices, hypervolume
     from sensq.search.results import full_records
 
+    boot = PairedBootstrap(run.split.confirm, HV_BOOT, run.settings.seed)
     fp32_confirm = run.store.get(run.fp32_hash).value(run.split.confirm)
     ref = fp32_confirm - HV_MARGIN
     counted = [r for r in recs if r.source != "sensitivity"]
@@ -91,10 +95,28 @@ def budget_curve(run, recs) -> dict:
         first = full_records(counted[:b])
         idx = front_indices([r.metric for r in first], [r.ratio for r in first], [r.number for r in first])
         front = [first[i] for i in idx]
-        conf = [confirm_metric(run, r)["metric"] for r in front]
-        out[b] = {"plans": min(b, len(counted)), "front": [r.number for r in front],
-                  "hv_confirm": hypervolume(conf + [fp32_confirm], [r.ratio for r in front] + [1.0], ref, 1.0),
-                  "hv_search": hypervolume([r.metric for r in front], [r.ratio for r in front], run.fp32.value(run.split.search) - HV_MARGIN, 1.0)}
+        samples = [confirm_samples(run, r) for r in front]
+        conf = [s.value(run.split.confirm) for s in samples]
+        ratios = [r.ratio for r in front]
+        draws = np.array([boot.resampled(s) for s in samples]).reshape(len(front), HV_BOOT)
+        out[b] = {"plans": min(b, len(counted)), "front": [r.number for r in front], "front_confirm": conf,
+                  "front_ratio": ratios,
+                  "hv_confirm": hypervolume(conf, ratios, ref, 1.0),
+                  "hv_confirm_draws": [hypervolume(draws[:, i], ratios, ref, 1.0) for i in range(HV_BOOT)],
+                  "hv_search": hypervolume([r.metric for r in front], ratios, run.fp32.value(run.split.search) - HV_MARGIN, 1.0)}
+    return out
+
+
+def hv_differences(rows: list[dict], model: str, base: str = "tpe") -> dict:
+    """HV(sensq) - HV(other) on the confirm split at each budget, with a 95 % percentile interval over the shared
+    bootstrap resamples of the confirm images."""
+    mine = next(r for r in rows if r["model"] == model and r["strategy"] == base)
+    out = {}
+    for other in [r for r in rows if r["model"] == model and r["strategy"] not in (base, f"{base}-again")]:
+        for b in BUDGETS:
+            d = np.asarray(mine["curve"][b]["hv_confirm_draws"]) - np.asarray(other["curve"][b]["hv_confirm_draws"])
+            point = mine["curve"][b]["hv_confirm"] - other["curve"][b]["hv_confirm"]
+            out[f"{other['strategy']}@{b}"] = [point, float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
     return out
 
 
@@ -153,8 +175,16 @@ def agreement(a: dict, b: dict) -> dict:
     overlap = [max(ra[k]["latency"]["ratio_ci"][0], rb[k]["latency"]["ratio_ci"][0])
                <= min(ra[k]["latency"]["ratio_ci"][1], rb[k]["latency"]["ratio_ci"][1]) for k in shared]
     same_order = [r["plan_key"] for r in a["records"]] == [r["plan_key"] for r in b["records"]]
+    keys = ("trial", "float_groups", "method", "metric", "confirm_metric", "confirm_metric_lo", "confirm_metric_hi",
+            "ratio", "ratio_lo", "ratio_hi")
+    best = [next(({k: p.get(k) for k in keys} for p in r["front"] if p.get("recommended")), None) for r in (a, b)]
+    agree = None
+    if all(best):
+        agree = bool(max(x["confirm_metric_lo"] for x in best) <= min(x["confirm_metric_hi"] for x in best)
+                     and max(x["ratio_lo"] for x in best) <= min(x["ratio_hi"] for x in best))
     return {"shared_plans": len(shared), "same_plans_same_order": same_order, "metrics_identical": metric_equal,
-            "latency_intervals_overlap": int(sum(overlap)), "latency_intervals_disjoint": int(len(overlap) - sum(overlap))}
+            "latency_intervals_overlap": int(sum(overlap)), "latency_intervals_disjoint": int(len(overlap) - sum(overlap)),
+            "recommended": best, "recommended_agree_within_intervals": agree}
 
 
 def table(rows: list[dict]) -> str:
@@ -205,9 +235,15 @@ def main():
                 b = next(r for r in rows if r["model"] == model and r["strategy"] == "tpe-again")
                 repeats[model] = agreement(a, b)
     print(table(rows))
+    differences = {m: hv_differences(rows, m) for m in args.model if "tpe" in args.strategies}
+    for model, diff in differences.items():
+        print(f"{model}: HV(sensq) - HV(baseline) on the confirm split [95% bootstrap interval over its images]")
+        for k, (v, lo, hi) in diff.items():
+            print(f"  vs {k:10} {v:+.5f} [{lo:+.5f}, {hi:+.5f}]")
     for model, agree in repeats.items():
         print(f"{model} reproducibility: {agree}")
     write_results("search_bench", {"budget": args.budget, "rows": rows, "reproducibility": repeats,
+                                   "hv_differences": differences,
                                    "hv_reference": f"(ratio 1.0, FP32 confirm metric - {HV_MARGIN})"})
 
 

@@ -243,6 +243,11 @@ class PairedBootstrap:
             weakref.finalize(samples, self._cache.pop, key, None)  # a new object may reuse the id later
         return self._cache[key]
 
+    def resampled(self, samples: SampleResults) -> np.ndarray:
+        """The metric on each bootstrap resample: the same resamples for every model (paired), e.g. to put an
+        interval on a statistic of several models."""
+        return self._draws(samples)[1]
+
     def metric(self, samples: SampleResults) -> Interval:
         value, draws, jack = self._draws(samples)
         return Interval(value, *bca_interval(value, draws, jack, self.level))
