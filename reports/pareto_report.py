@@ -91,6 +91,8 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
     if summary.get("slower_than_fp32"):
         lines.append(f"float islands cost more than INT8 saves (slower than FP32, interval above 1x): trials "
                      f"{', '.join(map(str, summary['slower_than_fp32']))} (unfused Q/DQ per trial: trials.csv)")
+    if summary.get("rejected"):
+        lines.append(rejected_line(summary["rejected"]))
     if len(summary.get("machines", [])) > 1:
         lines.append(f"latency was measured on {len(summary['machines'])} machines: ratios are paired per machine, "
                      "compare them, not the ms")
@@ -99,6 +101,13 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
                  f"{summary['search_samples']} search samples (~{summary['saved_seconds_estimate']:.0f} s saved); "
                  f"held-out confirm samples: {summary['confirm_samples'] or 'none'}")
     return "\n".join(lines)
+
+
+def rejected_line(rejected: dict) -> str:
+    """Plans the latency runtime could not compile or run: scored, counted, never on the front."""
+    first = next(iter(rejected.values()))
+    return (f"the latency runtime rejected {len(rejected)} plan(s) (no latency, not on the front): trials "
+            f"{', '.join(map(str, rejected))}; first reason: {first}")
 
 
 def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> str:
@@ -136,7 +145,10 @@ def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> s
               f"{summary['repeats']} repeated proposals were skipped (not run, not counted); {summary['pruned']} plans "
               f"stopped after {summary['low_fidelity']} samples on paired evidence (see trials.csv: `pruned`).",
               f"- Hypervolume in (ratio, {m}) against ({summary['hypervolume_ref']['ratio']}, "
-              f"{summary['hypervolume_ref']['metric']:.4f}): {summary['hypervolume']:.6f}.", ""]
+              f"{summary['hypervolume_ref']['metric']:.4f}): {summary['hypervolume']:.6f}."]
+    if summary.get("rejected"):
+        lines.append(f"- {rejected_line(summary['rejected'])} (trials.csv: `rejected`).")
+    lines.append("")
     return "\n".join(lines)
 
 

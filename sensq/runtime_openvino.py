@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 
-from .errors import SensqError
+from .errors import RuntimeRejected, SensqError
 
 INSTALL_FIX = 'pip install -e ".[openvino]" (or pip install openvino)'
 PRECISIONS = ("f32", "bf16", "f16")
@@ -72,7 +72,15 @@ def compile_model(model, threads: int, precision: str = "f32", streams: int = 1)
         raise SensqError(f"OpenVINO cannot read the model: {first[:300]}", "check that the file is a complete ONNX model (opset >= 13)") from e
     config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": int(streams), "PERFORMANCE_HINT": "LATENCY",
               "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": precision}
-    return ov_core.compile_model(ov_model, "CPU", config)
+    try:
+        return ov_core.compile_model(ov_model, "CPU", config)
+    except RuntimeError as e:  # e.g. a transformation pass that cannot handle one Q/DQ placement
+        import openvino
+
+        lines = [x.strip() for x in str(e).splitlines() if x.strip() and not x.strip().startswith("Exception from")]
+        detail = " ".join(lines)[:300] or type(e).__name__
+        raise RuntimeRejected(f"OpenVINO {openvino.__version__.split('-')[0]} cannot compile this model for CPU: {detail}",
+                              "keep other layers float, or measure with --latency ort") from e
 
 
 def _port_info(port) -> SimpleNamespace:

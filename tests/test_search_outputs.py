@@ -102,3 +102,35 @@ def test_pareto_helpers_by_hand():
     # two front points (1.0, 0.4) and (1.5, 0.55) against (2.0, 0.3): 0.5 x 0.1 + 0.5 x 0.25
     assert hypervolume(metric, cost, 0.3, 2.0) == pytest.approx(0.5 * 0.1 + 0.5 * 0.25)
     assert hypervolume([0.2], [0.5], 0.3, 2.0) == 0.0  # below the reference metric: nothing
+
+
+def test_a_plan_the_runtime_cannot_compile_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
+    """OpenVINO 2026.4 fails to compile some Q/DQ placements (its MoveFakeQuantize pass on a Concat): that plan gets no
+    latency, is counted and reported as rejected, and is never on the front; the other plans are unaffected."""
+    from sensq.errors import RuntimeRejected
+    from sensq.search import trials as trials_module
+
+    calls = []
+    original = trials_module.measure_paired
+
+    def flaky(backend, model, reference, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeRejected("OpenVINO 2026.4.1 cannot compile this model for CPU: Argument shapes are inconsistent.")
+        return original(backend, model, reference, **kw)
+
+    monkeypatch.setattr(trials_module, "measure_paired", flaky)
+    tiny = make_tiny(tmp_path / "tiny")
+    workdir = tmp_path / "w"
+    run_search(tiny.workspace(), tiny.evaluator(), tiny_settings(workdir, 4), progress=False)
+    recs = searched(study_records(workdir))
+    rejected = [r for r in recs if r.rejected]
+    assert len(recs) == 4 and len(rejected) == 1  # counted toward the budget, the search went on
+    bad = rejected[0]
+    assert bad.latency is None and not bad.full and "Argument shapes are inconsistent" in bad.rejected
+    doc = json.loads((workdir / "pareto.json").read_text())
+    assert bad.number not in [r["trial"] for r in doc["front"]]
+    assert list(doc["summary"]["rejected"]) == [str(bad.number)]
+    csv = pd.read_csv(workdir / "trials.csv").set_index("trial")
+    assert csv.loc[bad.number, "rejected"].startswith("OpenVINO") and csv["rejected"].fillna("").eq("").sum() == len(csv) - 1
+    assert "rejected 1 plan(s)" in (workdir / "pareto.md").read_text()

@@ -28,13 +28,14 @@ class TrialRecord:
     delta_int8: float = float("nan")  # metric - all-INT8's metric on the same samples
     pruned: dict | None = None  # {"by": trial, "diff": d, "lo": l, "hi": h, "n": samples} when stopped early
     latency: dict | None = None  # sensq.latency.PairedLatency.to_dict() + machine_id, date (None: not measured)
+    rejected: str | None = None  # the latency runtime cannot compile/run this plan's model (why), so it has no latency
     cost_proxy: float = float("nan")  # what the sampler minimizes (see SearchRun.sampler_cost)
     gbops: float = float("nan")
     seconds: dict = field(default_factory=dict)
 
     @property
     def full(self) -> bool:
-        return self.pruned is None and self.source != "sensitivity" and self.latency is not None
+        return self.pruned is None and self.source != "sensitivity" and self.latency is not None and not self.rejected
 
     @property
     def ratio(self) -> float:

@@ -4,14 +4,18 @@ the paired evidence says it cannot reach the front, else score the rest of the s
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import time
 
+from ..errors import RuntimeRejected
 from ..latency import bops, measure_paired, measurement_lock, structure_key
 from ..latency.fusion import fusion_report
 from ..plan import PrecisionPlan
 from ..runtime import make_session
 from .fidelity import prune_decision
 from .records import LatencyBook, TrialRecord
+
+log = logging.getLogger("sensq")
 
 
 class TrialEvaluator:
@@ -44,7 +48,11 @@ class TrialEvaluator:
         rec.seconds["full"] = round(time.perf_counter() - t2, 3)
         self._set_metric(rec, full, split.search)
         t3 = time.perf_counter()
-        rec.latency = self.latency(qmodel, rec.structure_key)
+        try:
+            rec.latency = self.latency(qmodel, rec.structure_key)
+        except RuntimeRejected as e:  # the plan cannot run on the target runtime: recorded, never on the front
+            rec.rejected = e.problem
+            log.warning("trial %d: %s", rec.number, e.problem)
         rec.gbops = bops(qmodel) / 1e9
         rec.seconds["latency"] = round(time.perf_counter() - t3, 3)
         return rec
