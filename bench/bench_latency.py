@@ -47,7 +47,7 @@ def _measure(label: str, path: Path, threads: int, runs: int, spinning: bool | N
     rows = []
     for i in range(runs):
         r = make_latency_backend("ort", threads=threads, spinning=spinning).measure(str(path))  # new backend + session: independent runs
-        rows.append({"run": i + 1, "median_ms": r.ms, "spread_ms": r.spread_ms, "repeats": r.repeats,
+        rows.append({"run": i + 1, "median_ms": r.value, "spread_ms": r.spread, "repeats": r.repeats,
                      "min_ms": r.details["min_ms"], "blocks": r.details["blocks"],
                      "block_agreement": r.details["block_agreement"], "session_create_ms": r.details["session_create_ms"],
                      "measure_seconds": r.details["measure_seconds"], "load_avg_1m": r.details["load_avg_1m"]})
