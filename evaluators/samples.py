@@ -10,6 +10,7 @@ On disk (npz, no pickle): `to_arrays()` / `samples_from_arrays(arrays, evaluator
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,8 +235,6 @@ class PairedBootstrap:
         self._cache: dict[int, tuple] = {}  # id(samples) -> (value, draws, jackknife), dropped when samples are
 
     def _draws(self, samples: SampleResults) -> tuple[float, np.ndarray, np.ndarray]:
-        import weakref
-
         key = id(samples)
         if key not in self._cache:
             both = samples.metric(self.indices, self.w)

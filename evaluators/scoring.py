@@ -9,7 +9,6 @@ subsets, intervals and pruning are then unavailable, and callers say so.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import inspect
 import os

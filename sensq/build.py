@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import logging
+import os
 import types
 from pathlib import Path
 

@@ -9,8 +9,6 @@ class SensqError(Exception):
         self.fix = fix
         super().__init__(f"{problem} -- {fix}" if fix else problem)
 
-
-
 class RuntimeRejected(SensqError):
     """The target runtime cannot compile or run this (quantized) model: a fact about the plan on that runtime, not
     a crash of sensq. The search records the plan as rejected and goes on; elsewhere it is a one-line error."""

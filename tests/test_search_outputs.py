@@ -134,3 +134,27 @@ def test_a_plan_the_runtime_cannot_compile_is_recorded_and_the_search_goes_on(tm
     csv = pd.read_csv(workdir / "trials.csv").set_index("trial")
     assert csv.loc[bad.number, "rejected"].startswith("OpenVINO") and csv["rejected"].fillna("").eq("").sum() == len(csv) - 1
     assert "rejected 1 plan(s)" in (workdir / "pareto.md").read_text()
+
+
+def test_a_rejected_structure_is_booked_and_not_compiled_again(tmp_path, monkeypatch):
+    """Trials sharing a graph structure share its latency entry; a rejection is such an entry too."""
+    from types import SimpleNamespace
+
+    from sensq.errors import RuntimeRejected
+    from sensq.search import trials as trials_module
+    from sensq.search.records import LatencyBook
+
+    calls = []
+
+    def rejecting(backend, model, reference, **kw):
+        calls.append(1)
+        raise RuntimeRejected("cannot compile")
+
+    monkeypatch.setattr(trials_module, "measure_paired", rejecting)
+    run = SimpleNamespace(book=LatencyBook(), machine={"machine_id": "m"}, backend=SimpleNamespace(spec="openvino"),
+                          lock_dir=tmp_path, reference_timer=None)
+    evaluator = trials_module.TrialEvaluator(run)
+    for _ in range(2):
+        with pytest.raises(RuntimeRejected, match="cannot compile"):
+            evaluator.latency(None, "structure-a")
+    assert len(calls) == 1

@@ -63,17 +63,22 @@ class TrialEvaluator:
         rec.delta_int8 = rec.metric - self.run.int8.value(indices)
 
     def latency(self, model, skey: str) -> dict:
-        """Paired latency of a built model vs FP32, shared by every trial with the same structure on this machine."""
+        """Paired latency of a built model vs FP32, shared by every trial with the same structure on this machine.
+        A structure the runtime rejected is booked as such too: it raises RuntimeRejected again without a retry."""
         run = self.run
         key = LatencyBook.key(skey, run.machine["machine_id"], run.backend.spec)
         found = run.book.get(key)
         if found is not None:
-            return found
+            return _booked(found)
         with measurement_lock(run.lock_dir):  # re-entrant: measure_paired takes it again
             found = run.book.get(key)  # another worker may have measured this structure while we waited
             if found is not None:
-                return found
-            lat = measure_paired(run.backend, model, run.reference_timer, lock_dir=run.lock_dir)
+                return _booked(found)
+            try:
+                lat = measure_paired(run.backend, model, run.reference_timer, lock_dir=run.lock_dir)
+            except RuntimeRejected as e:
+                run.book.put(key, {"rejected": e.problem})
+                raise
         value = {**lat.to_dict(), "machine_id": run.machine["machine_id"], "run_id": run.run_id,
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         value.pop("details", None)
@@ -81,6 +86,12 @@ class TrialEvaluator:
             value["fusion"] = fusion_report(model, reference=run.ws.model)
         run.book.put(key, value)
         return value
+
+
+def _booked(value: dict) -> dict:
+    if "rejected" in value:
+        raise RuntimeRejected(value["rejected"])
+    return value
 
 
 class _LazySession:
