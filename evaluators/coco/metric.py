@@ -57,10 +57,12 @@ class Matches:
     g_ign: np.ndarray  # [A, G]
 
 
-def match(gt: GroundTruth, dets: np.ndarray, img_ids) -> Matches:
+def match(gt: GroundTruth, dets: np.ndarray, img_ids, all_areas: bool = True) -> Matches:
     """pycocotools COCOeval(iouType='bbox').evaluate() on `img_ids` as arrays.
 
     dets: rows [image_id, x, y, w, h, score, category_id]; their order breaks score ties, as in COCO.loadRes.
+    all_areas=False matches for the area range "all" only (A = 1): what mAP50-95 and mAP50 read, at a quarter of
+    the memory and time (kept per model for the bootstrap, see evaluators/samples.py).
     """
     from pycocotools.cocoeval import Params
 
@@ -68,8 +70,9 @@ def match(gt: GroundTruth, dets: np.ndarray, img_ids) -> Matches:
     img_ids = np.unique(np.asarray(img_ids, np.int64))
     cat_ids = np.asarray(gt.cat_ids, np.int64)
     K = len(cat_ids)
-    lo = np.array([r[0] for r in p.areaRng], np.float64)[:, None]
-    hi = np.array([r[1] for r in p.areaRng], np.float64)[:, None]
+    ranges = p.areaRng if all_areas else p.areaRng[:1]  # areaRng[0] is "all"
+    lo = np.array([r[0] for r in ranges], np.float64)[:, None]
+    hi = np.array([r[1] for r in ranges], np.float64)[:, None]
     thr = np.minimum(p.iouThrs, 1 - 1e-10)
 
     # Ground truth of the evaluated images, in annotation order (pycocotools' order within an image).
@@ -190,7 +193,9 @@ def accumulate(mt: Matches) -> tuple[np.ndarray, np.ndarray]:
 
 
 BLOCK = 1 << 22  # elements of one temporary [rows x detections] block: bounded memory at any dataset size
+AP_BLOCK = 1 << 20  # elements of one [rows x true positives] block; _weighted_ap holds ~8 such temporaries
 MATMUL_FACTOR = 64  # per-image counts x weights (BLAS) while images x TPs <= this x FPs: the measured crossover
+MATMUL_ELEMENTS = 1 << 22  # ... and while that [TPs x images] count matrix stays small
 
 
 def _fp_at_tps(w: np.ndarray, tp_pos: np.ndarray, fp_pos: np.ndarray, fp_img: np.ndarray) -> np.ndarray:
@@ -203,7 +208,7 @@ def _fp_at_tps(w: np.ndarray, tp_pos: np.ndarray, fp_pos: np.ndarray, fp_img: np
     n_tp = len(tp_pos)
     n_before = np.searchsorted(fp_pos, tp_pos)  # FPs ranked before each TP
     fp_img = fp_img[: n_before[-1]]  # FPs after the last TP never reach a recall threshold
-    if N * n_tp <= MATMUL_FACTOR * len(fp_img):
+    if N * n_tp <= min(MATMUL_FACTOR * len(fp_img), MATMUL_ELEMENTS):
         seg = np.searchsorted(tp_pos, fp_pos[: len(fp_img)])  # the first TP each FP precedes
         before = np.bincount(seg * N + fp_img, minlength=n_tp * N).reshape(n_tp, N).astype(np.float64)
         return w @ np.cumsum(before, axis=0).T
@@ -269,10 +274,13 @@ def weighted_map(mt: Matches, weights: np.ndarray, max_det: int = 100) -> dict[s
         for t in range(T):
             m, ig = mt.dt_m[0, t, idx], mt.dt_ig[0, t, idx]
             is_tp, is_fp = m & ~ig, ~m & ~ig
-            tp_pos = np.flatnonzero(is_tp)
-            fp = _fp_at_tps(w, tp_pos, np.flatnonzero(is_fp), img[is_fp]) if len(tp_pos) else None
+            tp_pos, fp_pos = np.flatnonzero(is_tp), np.flatnonzero(is_fp)
             safe = np.where(npig[:, k] > 0, npig[:, k], 1.0)
-            ap[:, k, t] = _weighted_ap(w, img[tp_pos], fp, safe, rec_thrs)
+            rows = max(1, AP_BLOCK // max(len(tp_pos), 1))  # bounded temporaries: blocks of weight rows
+            for r in range(0, B, rows):
+                wb = w[r:r + rows]
+                fp = _fp_at_tps(wb, tp_pos, fp_pos, img[is_fp]) if len(tp_pos) else None
+                ap[r:r + rows, k, t] = _weighted_ap(wb, img[tp_pos], fp, safe[r:r + rows], rec_thrs)
     valid = npig > 0  # a category with no ground truth in a resample is left out, as pycocotools does (-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         m5095 = (ap.mean(axis=2) * valid).sum(axis=1) / valid.sum(axis=1)
