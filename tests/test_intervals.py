@@ -86,6 +86,7 @@ def test_weighted_map_equals_pycocotools_on_resampled_synthetic_data(way, monkey
     monkeypatch.setattr(metric, "MATMUL_ELEMENTS", 1e12)
     monkeypatch.setattr(metric, "BLOCK", 64)  # several blocks of weight rows even on a small case
     monkeypatch.setattr(metric, "AP_BLOCK", 8)
+    monkeypatch.setattr(metric, "PAIR_BLOCK", 4)  # candidate pairs in many rounds
     for seed in range(3):
         gt, dets = _synthetic(seed)
         ids = np.array([im["id"] for im in gt.dataset["images"]])

@@ -101,17 +101,46 @@ def test_pruning_decision_is_reproduced_by_hand_from_per_sample_values():
     cheaper = {**plan, "float_nodes": ["a"]}
     boot = PairedBootstrap(idx, 400, 0)
     s_good = MeanSamples(idx, {"m": good}, "m")
-    d = prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(7, cheaper, s_good)], boot)
+    d = prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(7, cheaper, lambda: s_good)], boot)
     # by hand: paired differences on the same resamples, BCa interval, upper bound below zero
     w, jw = bootstrap_weights(30, 400, 0), jackknife_weights(30)
     lo, hi = bca_interval(float((bad - good).mean()), w @ (bad - good) / 30, jw @ (bad - good) / 30)
     assert d is not None and d.by == 7 and d.n == 30
     assert (d.diff, d.lo, d.hi) == pytest.approx((float((bad - good).mean()), lo, hi)) and hi < 0
-    assert prune_decision(plan, MeanSamples(idx, {"m": close}, "m"), [(7, cheaper, s_good)], boot) is None
+    assert prune_decision(plan, MeanSamples(idx, {"m": close}, "m"), [(7, cheaper, lambda: s_good)], boot) is None
     # a better-scoring but possibly slower trial (more float nodes, or another weight layout) never prunes
     slower = {**plan, "float_nodes": ["a", "b", "c"]}
     assert not no_slower(slower, plan) and not no_slower({**cheaper, "per_channel": False}, plan)
-    assert prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(8, slower, s_good)], boot) is None
+    assert prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(8, slower, lambda: s_good)], boot) is None
+
+
+def test_prune_decision_loads_only_no_slower_trials_and_memoizes_their_values():
+    """At full-size sets a study's per-sample results do not fit in memory together: a decision loads a finished
+    trial's results only when it is no slower, and a value computed once is not loaded again for the next trial."""
+    idx = np.arange(30)
+    good = np.random.default_rng(4).normal(0.0, 1.0, 30)
+    plan = {"float_nodes": ["a", "b"], "per_channel": True, "activation_type": None, "target": "ort-cpu"}
+    loads = []
+
+    def loader(number, values):
+        def load():
+            loads.append(number)
+            return MeanSamples(idx, {"m": values}, "m")
+        return load
+
+    def never():
+        raise AssertionError("a slower trial's results were loaded")
+
+    candidates = [(1, {**plan, "float_nodes": ["a"]}, loader(1, good)),  # no slower, better: tested
+                  (2, {**plan, "float_nodes": ["a", "b", "c"]}, never),  # slower: never read
+                  (3, {**plan, "float_nodes": []}, loader(3, good - 5.0))]  # no slower, but worse: value only
+    boot, memo = PairedBootstrap(idx, 200, 0), {}
+    d = prune_decision(plan, MeanSamples(idx, {"m": good - 1.0}, "m"), candidates, boot, memo)
+    assert d is not None and d.by == 1
+    assert loads == [1, 3, 1] and set(memo) == {1, 3}  # value of 1 and 3, then 1 again for its bootstrap test
+    loads.clear()
+    assert prune_decision(plan, MeanSamples(idx, {"m": good + 1.0}, "m"), candidates, boot, memo) is None
+    assert loads == []  # better than every candidate: decided from the memo alone
 
 
 def test_every_prune_in_a_run_is_backed_by_its_stored_samples(tiny, tmp_path):

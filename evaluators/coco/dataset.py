@@ -51,6 +51,8 @@ class GroundTruth:
                 raise SensqError(f"annotation file has no '{key}' list", "use a COCO instances_*.json (keys images, annotations, categories)")
         anns = dataset["annotations"]
         for a in anns:
+            # box metric only: polygons and crowd RLEs are most of a COCO JSON's memory (~100 MB for val2017)
+            a.pop("segmentation", None)
             a.setdefault("iscrowd", 0)  # pycocotools requires the key
             if "area" not in a and "bbox" in a:
                 a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])

@@ -84,7 +84,8 @@ def match(gt: GroundTruth, dets: np.ndarray, img_ids, all_areas: bool = True) ->
     # Detections: per (image, category) sorted by score (stable), truncated to maxDets[-1].
     dets = np.asarray(dets, np.float64).reshape(-1, 7)
     dsel = np.isin(dets[:, 0].astype(np.int64), img_ids) & np.isin(dets[:, 6].astype(np.int64), cat_ids)
-    dets = dets[dsel]
+    if not dsel.all():  # usually all are: no copy of every detection
+        dets = dets[dsel]
     d_img = np.searchsorted(img_ids, dets[:, 0].astype(np.int64))
     d_cat = np.searchsorted(cat_ids, dets[:, 6].astype(np.int64))
     order = np.lexsort((-dets[:, 5], d_cat, d_img))  # stable: ties keep insertion order
@@ -102,17 +103,30 @@ def match(gt: GroundTruth, dets: np.ndarray, img_ids, all_areas: bool = True) ->
     return Matches(img_ids, cat_ids, d_img, d_cat, rank, d_score, dt_m, dt_ig, g_img, g_cat, g_ign)
 
 
+PAIR_BLOCK = 1 << 19  # candidate (detection, gt) pairs per round: bounds the pairwise IoU temporaries
+
+
 def _candidate_pairs(d_key, g_key, d_box, g_box, g_crowd, min_iou: float):
-    """(det, gt) pairs in the same image and category (equal keys) with IoU >= min_iou, and their IoU."""
+    """(det, gt) pairs in the same image and category (equal keys) with IoU >= min_iou, and their IoU; in detection
+    order, then gt order. Worked through in rounds of about PAIR_BLOCK pairs (a full-size set has millions)."""
     g_order = np.argsort(g_key, kind="stable")
     g_sorted = g_key[g_order]
     first, last = np.searchsorted(g_sorted, d_key, "left"), np.searchsorted(g_sorted, d_key, "right")
     cnt = last - first
-    pair_d = np.repeat(np.arange(len(d_key)), cnt)
-    pair_g = g_order[np.repeat(first, cnt) + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)]
-    pair_iou = _bbox_iou(d_box[pair_d], g_box[pair_g], g_crowd[pair_g])
-    ok = pair_iou >= min_iou
-    return pair_d[ok], pair_g[ok], pair_iou[ok]
+    ends = np.cumsum(cnt)
+    parts = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]
+    s = 0
+    while s < len(d_key):
+        # detections s..e-1 hold at most PAIR_BLOCK pairs (at least one detection per round)
+        e = max(s + 1, int(np.searchsorted(ends, (ends[s - 1] if s else 0) + PAIR_BLOCK, "right")))
+        c = cnt[s:e]
+        pair_d = np.repeat(np.arange(s, e), c)
+        pair_g = g_order[np.repeat(first[s:e], c) + np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)]
+        pair_iou = _bbox_iou(d_box[pair_d], g_box[pair_g], g_crowd[pair_g])
+        ok = pair_iou >= min_iou
+        parts.append((pair_d[ok], pair_g[ok], pair_iou[ok]))
+        s = e
+    return tuple(np.concatenate(x) for x in zip(*parts))
 
 
 def _greedy_match(pair_d, pair_g, pair_iou, d_rank, g_ign, g_crowd, thr, D: int, G: int):

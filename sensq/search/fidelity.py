@@ -38,18 +38,30 @@ def no_slower(a: dict, b: dict) -> bool:
     return same and set(a["float_nodes"]) <= set(b["float_nodes"])
 
 
-def prune_decision(plan: dict, samples, candidates, boot) -> PruneDecision | None:
-    """candidates: (trial number, plan dict, per-sample results) of finished trials; boot: a PairedBootstrap over
-    the low-fidelity samples."""
+def prune_decision(plan: dict, samples, candidates, boot, values: dict | None = None) -> PruneDecision | None:
+    """candidates: (trial number, plan dict, load) of finished trials, load() -> their per-sample results (or None);
+    boot: a PairedBootstrap over the low-fidelity samples. Results are loaded one at a time and only for no-slower
+    trials: at full-size evaluation sets a study's results do not fit in memory together. values: the caller's memo
+    {trial number: value on boot.indices}, kept across decisions (a finished trial's value there never changes)."""
     idx = boot.indices
+    values = {} if values is None else values
     mine = samples.value(idx)
     diffs = []
-    for number, other_plan, other in candidates:
-        if no_slower(other_plan, plan):
-            d = mine - other.value(idx)
-            if d < 0:
-                diffs.append((d, number, other))
-    for d, number, other in sorted(diffs, key=lambda x: (x[0], x[1]))[:MAX_TESTS]:
+    for number, other_plan, load in candidates:
+        if not no_slower(other_plan, plan):
+            continue
+        if number not in values:
+            other = load()
+            if other is None:
+                continue
+            values[number] = other.value(idx)
+        d = mine - values[number]
+        if d < 0:
+            diffs.append((d, number, load))
+    for d, number, load in sorted(diffs, key=lambda x: (x[0], x[1]))[:MAX_TESTS]:
+        other = load()
+        if other is None:
+            continue
         iv = boot.difference(samples, other)
         if iv.hi < 0:
             return PruneDecision(number, iv.value, iv.lo, iv.hi, len(idx))

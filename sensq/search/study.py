@@ -82,7 +82,7 @@ class SearchRun:
         self.evaluate_trial = TrialEvaluator(self)
         self.stage_seconds: dict[str, float] = {}
         self.proposer = Proposer(self)
-        self._hashes: dict[int, str] = {}
+        self.low_values: dict[int, float] = {}  # trial number -> value on the low-fidelity samples (pruning's memo)
 
     # ---------------------------------------------------------------------------------------------- helpers
     def hash(self, model) -> str:
@@ -103,14 +103,9 @@ class SearchRun:
                 if workers.PLAN_KEY in t.user_attrs and t.number != exclude}
 
     def finished_candidates(self):
-        """(number, plan, per-sample results) of full trials: the possible dominators in a pruning decision."""
-        out = []
-        for r in self.records():
-            if r.full:
-                samples = self.store.get(r.model_hash)
-                if samples is not None:
-                    out.append((r.number, r.plan, samples))
-        return out
+        """(number, plan, load) of full trials: the possible dominators in a pruning decision; load() reads that
+        trial's per-sample results from the store when the decision needs them."""
+        return [(r.number, r.plan, lambda key=r.model_hash: self.store.get(key)) for r in self.records() if r.full]
 
     def float_mac_share(self, plan) -> float:
         """Share of the model's MACs in float nodes: the sampler's cost for timed backends. Deterministic and ordered

@@ -39,7 +39,7 @@ class TrialEvaluator:
         rec.seconds["low"] = round(time.perf_counter() - t1, 3)
         self._set_metric(rec, low, split.low_indices)
         if prune and split.low < len(split.search) and run.scorer.per_sample:
-            decision = prune_decision(rec.plan, low, run.finished_candidates(), run.low_boot)
+            decision = prune_decision(rec.plan, low, run.finished_candidates(), run.low_boot, run.low_values)
             if decision is not None:
                 rec.pruned = decision.to_dict()
                 return rec
