@@ -10,7 +10,9 @@ On disk (npz, no pickle): `to_arrays()` / `samples_from_arrays(arrays, evaluator
 """
 from __future__ import annotations
 
+import hashlib
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,16 +86,30 @@ class MeanSamples(SampleResults):
                 **{f"score:{k}": v for k, v in self.scores.items()}}
 
 
+MATCH_MEMORY = 3  # COCO matchings kept in memory, over all models (~60 MB each at 5,000 images)
+_matchings: OrderedDict = OrderedDict()  # (id of a DetectionSamples, digest of its image indices) -> Matches
+
+
+def _forget_matchings(owner: int) -> None:
+    for key in [k for k in _matchings if k[0] == owner]:
+        del _matchings[key]
+
+
 @dataclass
 class DetectionSamples(SampleResults):
-    """Detections per image (COCO rows [image_id, x, y, w, h, score, category_id]) of one model."""
+    """Detections per image (COCO rows [image_id, x, y, w, h, score, category_id]) of one model.
+
+    Scoring a subset needs its matching (pycocotools' evaluate() as arrays): the few most recent ones are kept in
+    one memory-bounded cache shared by all models (a search holds many models' results at once), and plain values
+    (unit weights) are memoized per object, so evicting a matching rarely means computing it again."""
 
     gt: object  # evaluators.coco.dataset.GroundTruth
     image_ids: np.ndarray  # dataset index -> COCO image id, for the whole dataset
     rows: dict[int, np.ndarray]  # dataset index -> detection rows of that image
     primary: str = "mAP50-95"
     kind: str = "coco"
-    _matches: dict = field(default_factory=dict, repr=False)
+    _values: dict = field(default_factory=dict, repr=False)
+    _finalizer: object = field(default=None, repr=False)
 
     @property
     def indices(self) -> np.ndarray:
@@ -103,15 +119,27 @@ class DetectionSamples(SampleResults):
         from .coco.metric import match
 
         idx = np.unique(np.asarray(indices, np.int64))
-        key = idx.tobytes()
-        if key not in self._matches:
-            if len(self._matches) >= 2:  # ~35 MB each at 5,000 images (area "all" only)
-                self._matches.clear()
-            dets = np.concatenate([self.rows[int(i)] for i in idx]) if len(idx) else np.zeros((0, 7))
-            self._matches[key] = match(self.gt, dets, self.image_ids[idx], all_areas=False)
-        return self._matches[key], idx
+        key = (id(self), hashlib.sha1(idx.tobytes()).digest())
+        if key in _matchings:
+            _matchings.move_to_end(key)
+            return _matchings[key], idx
+        if self._finalizer is None:  # an id is reused after the object is gone: its matchings go with it
+            self._finalizer = weakref.finalize(self, _forget_matchings, id(self))
+        dets = np.concatenate([self.rows[int(i)] for i in idx]) if len(idx) else np.zeros((0, 7))
+        mt = _matchings[key] = match(self.gt, dets, self.image_ids[idx], all_areas=False)
+        while len(_matchings) > MATCH_MEMORY:
+            _matchings.popitem(last=False)
+        return mt, idx
 
     def metric(self, indices, weights=None, name: str | None = None) -> np.ndarray:
+        if weights is None:  # a plain value: memoized (keyed by the indices as given: repeats count)
+            vkey = (hashlib.sha1(np.asarray(indices, np.int64).tobytes()).digest(), name or self.primary)
+            if vkey not in self._values:
+                self._values[vkey] = self._metric(indices, None, name)
+            return self._values[vkey].copy()
+        return self._metric(indices, weights, name)
+
+    def _metric(self, indices, weights, name) -> np.ndarray:
         from .coco.metric import weighted_map
 
         idx, w = _weights(indices, weights)

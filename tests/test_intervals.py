@@ -178,3 +178,35 @@ def test_bca_corrects_an_upward_bootstrap_bias():
     plo, phi = percentile_interval(draws)
     assert lo < plo and hi < phi and lo < 0.30 < hi
     assert (lo + hi) / 2 == pytest.approx(0.30 - 0.012, abs=0.008)
+
+
+def test_matchings_are_bounded_over_all_models_and_plain_values_memoized(monkeypatch):
+    """A search holds many models' per-sample results: at most MATCH_MEMORY matchings stay in memory whatever the
+    number of models, an evicted matching gives the same numbers when recomputed, and a model that is gone takes
+    its matchings with it (its id may be reused)."""
+    import gc
+
+    import sensq.evaluators.samples as samples_mod
+
+    monkeypatch.setattr(samples_mod, "_matchings", samples_mod.OrderedDict())
+    gt, _ = _synthetic(2)
+    ids = np.array([im["id"] for im in gt.dataset["images"]])
+    models = []
+    for seed in range(5):  # five models' detections on the same images
+        dets = _synthetic(2)[1].copy()
+        dets[:, 5] = np.random.default_rng(seed).random(len(dets))
+        models.append(DetectionSamples(gt, ids, {i: dets[dets[:, 0] == ids[i]] for i in range(len(ids))}))
+    sub, w = np.arange(8), bootstrap_weights(8, 3, 1)
+    first = [m.metric(sub, w) for m in models]
+    assert len(samples_mod._matchings) == samples_mod.MATCH_MEMORY
+    again = [m.metric(sub, w) for m in models]  # the first models' matchings were evicted and are recomputed
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    fresh = pycocotools_eval(gt, np.concatenate([models[0].rows[i] for i in range(8)]), ids[:8])[0][0]
+    assert models[0].value(sub) == pytest.approx(fresh, abs=1e-12)
+    samples_mod._matchings.clear()
+    assert models[0].value(sub) == pytest.approx(fresh, abs=1e-12) and not samples_mod._matchings  # memoized
+    models[-1].metric(sub, w)
+    owner = id(models[-1])
+    del models[-1], first, again
+    gc.collect()
+    assert not any(k[0] == owner for k in samples_mod._matchings)
