@@ -212,27 +212,35 @@ MATMUL_FACTOR = 64  # per-image counts x weights (BLAS) while images x TPs <= th
 MATMUL_ELEMENTS = 1 << 22  # ... and while that [TPs x images] count matrix stays small
 
 
-def _fp_at_tps(w: np.ndarray, tp_pos: np.ndarray, fp_pos: np.ndarray, fp_img: np.ndarray) -> np.ndarray:
-    """[B, n_tp]: weighted count of false positives ranked before each true positive, for each weight row.
+class _FalsePositivesBefore:
+    """Weighted count of false positives ranked before each true positive ([B, n_tp] for B weight rows), for one
+    category and IoU threshold: prepared once, then applied to each block of weight rows.
 
     Two exact ways, the cheaper one chosen: per-image counts before each TP times the weights (a small matmul when
     images are few), or the weights of the individual FPs summed per TP segment (linear in the FPs when images are
     many). FPs after the last TP never reach a recall threshold and are left out of both."""
-    B, N = w.shape
-    n_tp = len(tp_pos)
-    n_before = np.searchsorted(fp_pos, tp_pos)  # FPs ranked before each TP
-    fp_img = fp_img[: n_before[-1]]  # FPs after the last TP never reach a recall threshold
-    if N * n_tp <= min(MATMUL_FACTOR * len(fp_img), MATMUL_ELEMENTS):
-        seg = np.searchsorted(tp_pos, fp_pos[: len(fp_img)])  # the first TP each FP precedes
-        before = np.bincount(seg * N + fp_img, minlength=n_tp * N).reshape(n_tp, N).astype(np.float64)
-        return w @ np.cumsum(before, axis=0).T
-    out = np.zeros((B, n_tp))
-    has = n_before > 0
-    rows = max(1, BLOCK // max(len(fp_img), 1))
-    for r in range(0, B, rows):  # running sum of the FP weights, read where each TP stands
-        cum = np.cumsum(w[r:r + rows, fp_img], axis=1)
-        out[r:r + rows, has] = cum[:, n_before[has] - 1]
-    return out
+
+    def __init__(self, n_images: int, tp_pos: np.ndarray, fp_pos: np.ndarray, fp_img: np.ndarray):
+        N, n_tp = n_images, len(tp_pos)
+        self.n_tp = n_tp
+        self.n_before = np.searchsorted(fp_pos, tp_pos)  # FPs ranked before each TP
+        self.fp_img = fp_img[: self.n_before[-1]]  # FPs after the last TP never reach a recall threshold
+        self.counts = None  # [N, n_tp] cumulative per-image FP counts before each TP (the matmul way)
+        if N * n_tp <= min(MATMUL_FACTOR * len(self.fp_img), MATMUL_ELEMENTS):
+            seg = np.searchsorted(tp_pos, fp_pos[: len(self.fp_img)])  # the first TP each FP precedes
+            before = np.bincount(seg * N + self.fp_img, minlength=n_tp * N).reshape(n_tp, N).astype(np.float64)
+            self.counts = np.cumsum(before, axis=0).T
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        if self.counts is not None:
+            return w @ self.counts
+        out = np.zeros((w.shape[0], self.n_tp))
+        has = self.n_before > 0
+        rows = max(1, BLOCK // max(len(self.fp_img), 1))
+        for r in range(0, w.shape[0], rows):  # running sum of the FP weights, read where each TP stands
+            cum = np.cumsum(w[r:r + rows, self.fp_img], axis=1)
+            out[r:r + rows, has] = cum[:, self.n_before[has] - 1]
+        return out
 
 
 def _weighted_ap(w: np.ndarray, tp_img: np.ndarray, fp: np.ndarray, npig_b: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
@@ -240,7 +248,7 @@ def _weighted_ap(w: np.ndarray, tp_img: np.ndarray, fp: np.ndarray, npig_b: np.n
     precision envelope, as pycocotools accumulate() computes it on a dataset where image i appears w[b, i] times.
 
     tp_img: image of each true positive in score order; fp: [B, n_tp] weighted false positives ranked before each
-    (_fp_at_tps); npig_b: [B] non-ignored ground truths per weight row (> 0).
+    (_FalsePositivesBefore); npig_b: [B] non-ignored ground truths per weight row (> 0).
     pycocotools reads the envelope at the first detection whose recall reaches each threshold; recall only rises at
     true positives, so threshold r lands on true positive m exactly when rc[m-1] < r <= rc[m]: AP is the sum over
     true positives of envelope x (number of thresholds in that interval) / R."""
@@ -285,16 +293,18 @@ def weighted_map(mt: Matches, weights: np.ndarray, max_det: int = 100) -> dict[s
         idx = corder[cstart[k]:cstart[k + 1]]
         idx = idx[np.argsort(-mt.d_score[idx], kind="mergesort")]
         img = mt.d_img[idx]
+        safe = np.where(npig[:, k] > 0, npig[:, k], 1.0)
         for t in range(T):
             m, ig = mt.dt_m[0, t, idx], mt.dt_ig[0, t, idx]
             is_tp, is_fp = m & ~ig, ~m & ~ig
-            tp_pos, fp_pos = np.flatnonzero(is_tp), np.flatnonzero(is_fp)
-            safe = np.where(npig[:, k] > 0, npig[:, k], 1.0)
+            tp_pos = np.flatnonzero(is_tp)
+            tp_img = img[tp_pos]
+            fp_before = _FalsePositivesBefore(N, tp_pos, np.flatnonzero(is_fp), img[is_fp]) if len(tp_pos) else None
             rows = max(1, AP_BLOCK // max(len(tp_pos), 1))  # bounded temporaries: blocks of weight rows
             for r in range(0, B, rows):
                 wb = w[r:r + rows]
-                fp = _fp_at_tps(wb, tp_pos, fp_pos, img[is_fp]) if len(tp_pos) else None
-                ap[r:r + rows, k, t] = _weighted_ap(wb, img[tp_pos], fp, safe[r:r + rows], rec_thrs)
+                fp = fp_before(wb) if fp_before is not None else None
+                ap[r:r + rows, k, t] = _weighted_ap(wb, tp_img, fp, safe[r:r + rows], rec_thrs)
     valid = npig > 0  # a category with no ground truth in a resample is left out, as pycocotools does (-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         m5095 = (ap.mean(axis=2) * valid).sum(axis=1) / valid.sum(axis=1)
