@@ -84,7 +84,10 @@ def make_evaluator(data, kind: str = "auto", model=None, labels=None, **options)
             raise SensqError("no data given", "pass the dataset folder (--data)")
         kind = detect_kind(data)
     hw, _ = model_info(model) if model is not None else (None, {})
+    detector_preprocess = options.pop("detector_preprocess", None)
     if kind in ("coco", "yolo"):
+        if detector_preprocess is not None:
+            options["preprocess"] = detector_preprocess
         if hw is not None:
             options.setdefault("imgsz", hw)
         if labels is not None:

@@ -27,9 +27,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-step", type=int, help="number of calibration samples (xquant calibration_step; default 100)")
     g.add_argument("--file-type", choices=["img", "npy", "raw"], help="calibration file type (default img)")
     g.add_argument("--preset", choices=PRESETS,
-                   help="image preprocessing: yolo = letterbox, RGB, x/255; imagenet = resize 256 + centre crop with --mean/--std; "
+                   help="image preprocessing: yolo = letterbox, RGB, x/255; yolox = top-left letterbox, BGR, 0-255; imagenet = resize 256 + centre crop with --mean/--std; "
                         "pt_imagenet = the same with torchvision mean/std; resize = plain resize (xquant default). "
-                        "Default: yolo for recognised YOLO exports, else the ImageNet crop with the model's own normalization")
+                        "Default: recognised from the detector's export (checked on a few calibration images), else the ImageNet crop with the model's own normalization")
     g.add_argument("--mean", type=float, nargs="+", help="mean_value on 0-255 pixels, one or three values")
     g.add_argument("--std", type=float, nargs="+", help="std_value on 0-255 pixels, one or three values")
     g.add_argument("--color", choices=["rgb", "bgr"], help="color_format")
@@ -217,8 +217,11 @@ def _eval_parser(sub, common) -> None:
                        description="Score an ONNX model (float or QDQ) on COCO / YOLO-layout / ImageNet-style data.")
     p.add_argument("-m", "--model", required=True, help="ONNX model to score")
     add_eval_args(p)
-    p.add_argument("--mean", type=float, nargs="+", help="classification: mean on 0-255 pixels")
-    p.add_argument("--std", type=float, nargs="+", help="classification: std on 0-255 pixels")
+    p.add_argument("--preset", choices=["yolo", "yolox", "resize"],
+                   help="detection preprocessing (default: recognised from the model's export)")
+    p.add_argument("--color", choices=["rgb", "bgr"], help="detection: colour order of the model input")
+    p.add_argument("--mean", type=float, nargs="+", help="mean on 0-255 pixels")
+    p.add_argument("--std", type=float, nargs="+", help="std on 0-255 pixels")
     p.add_argument("--json", help="write the metrics (and the 12 COCO stats) to this JSON file")
     p.set_defaults(func=cmd_eval)
 

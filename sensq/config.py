@@ -31,7 +31,7 @@ class InputParams:
     std_value: list[float] | None = None
     preprocess_file: str | None = None  # IMAGENET, PT_IMAGENET or "file.py:function"
     data_list_path: str | None = None  # list file (xquant) or, as a sensq extension, a folder
-    resize: str | None = None  # sensq extension: letterbox | resize | imagenet (None: letterbox for YOLO, else resize)
+    resize: str | None = None  # sensq extension: letterbox | letterbox_topleft | resize | imagenet (None: from the model)
 
     def __post_init__(self):
         if self.file_type not in FILE_TYPES:

@@ -20,13 +20,14 @@ from .errors import SensqError
 
 log = logging.getLogger("sensq")
 
-PRESETS = ("yolo", "imagenet", "pt_imagenet", "resize")
+PRESETS = ("yolo", "yolox", "imagenet", "pt_imagenet", "resize")
+SANITY_IMAGES = 4  # FP32 inferences that check a detector's preprocessing before any calibration
 DEFAULT_CALIB_STEP = 100
 SPLIT_SEED = 0
 
 
 def apply_preset(ip, preset: str | None) -> None:
-    """Image preprocessing presets: yolo = letterbox, RGB, x/255; imagenet = resize 256 + centre crop, torchvision
+    """Image preprocessing presets: yolo = letterbox, RGB, x/255; yolox = top-left letterbox, BGR, 0-255; imagenet = resize 256 + centre crop, torchvision
     mean/std; pt_imagenet = the PT_IMAGENET preprocess file; resize = plain resize (xquant's default)."""
     from .data import TORCH_MEAN, TORCH_STD
 
@@ -34,6 +35,10 @@ def apply_preset(ip, preset: str | None) -> None:
         ip.resize, ip.color_format = "letterbox", ip.color_format or "rgb"
         ip.mean_value = ip.mean_value or [0.0] * 3
         ip.std_value = ip.std_value or [255.0] * 3
+    elif preset == "yolox":
+        ip.resize, ip.color_format = "letterbox_topleft", ip.color_format or "bgr"
+        ip.mean_value = ip.mean_value or [0.0] * 3
+        ip.std_value = ip.std_value or [1.0] * 3
     elif preset == "imagenet":
         ip.preprocess_file, ip.color_format = "IMAGENET", ip.color_format or "rgb"
         ip.mean_value = ip.mean_value or TORCH_MEAN
@@ -65,8 +70,38 @@ def classifier_normalization(model_path) -> tuple[list[float], list[float], str]
     return (list(found[0]), list(found[1]), "model metadata") if found else (TORCH_MEAN, TORCH_STD, "torchvision default")
 
 
+def detector_preprocess(model_path, calib_source=None, input_name: str = "input"):
+    """The preprocessing a detector export was trained with: recognised from the model (evaluators/coco/layouts.py),
+    else the candidate under which FP32 finds the most confident boxes on a few calibration images (said in one
+    line, with the flags that override it). A recognised choice is checked the same way."""
+    from .data import list_files
+    from .evaluators.coco.layouts import CANDIDATES, ULTRALYTICS, plausible_images, recognize
+    from .model import load_model
+
+    model = load_model(model_path)
+    export = recognize(model)
+    files = list_files(Path(calib_source), "img", input_name)[:SANITY_IMAGES] if calib_source else []
+    if export.preprocess is not None:
+        log.info("detector preprocessing: %s (%s)", export.preprocess.name, export.reason)
+        if files and plausible_images(model, files, export.preprocess, export.layout) == 0:
+            log.warning("FP32 finds no plausible set of confident boxes (1-100 of score >= 0.25) on %d calibration "
+                        "images with the %s preprocessing: if the weights are trained, the preprocessing is wrong "
+                        "(--preset, --color, --mean, --std)", len(files), export.preprocess.name)
+        return export.preprocess
+    if not files:
+        log.warning("detector preprocessing unknown (%s): assuming Ultralytics' (%s); pass --preset yolo|yolox or "
+                    "--color/--mean/--std if that is wrong", export.reason, ULTRALYTICS.flags())
+        return ULTRALYTICS
+    counts = {p.name: plausible_images(model, files, p, export.layout) for p in CANDIDATES}
+    best = max(CANDIDATES, key=lambda p: counts[p.name])  # ties keep the first: Ultralytics'
+    log.warning("detector preprocessing unknown (%s): chose %s, under which FP32 finds a plausible set of confident "
+                "boxes on the most of %d calibration images (%s); pass %s or --color/--mean/--std to set it",
+                export.reason, best.name, len(files), ", ".join(f"{k} {v}" for k, v in counts.items()), best.flags())
+    return best
+
+
 def apply_default_preprocessing(cfg) -> None:
-    """When neither the config nor a preset chose a preprocessing, pick one from the model (YOLO or classifier)."""
+    """When neither the config nor a preset chose a preprocessing, pick one from the model (detector or classifier)."""
     from .config import InputParams
 
     yolo = is_detector(cfg.model_path)
@@ -74,7 +109,12 @@ def apply_default_preprocessing(cfg) -> None:
         cfg.inputs = [InputParams()]
     for ip in cfg.inputs:
         explicit = ip.preprocess_file or ip.resize or ip.mean_value is not None or ip.std_value is not None
-        if explicit or ip.file_type != "img" or yolo:
+        if explicit or ip.file_type != "img":
+            continue
+        if yolo:
+            pre = detector_preprocess(cfg.model_path, None if cfg.data_free else ip.data_list_path)
+            ip.resize, ip.color_format = pre.resize, ip.color_format or pre.color
+            ip.mean_value, ip.std_value = list(pre.mean), list(pre.std)
             continue
         # A classifier without preprocessing settings: the ImageNet crop with the model's own normalization.
         mean, std, origin = classifier_normalization(cfg.model_path)
@@ -198,10 +238,34 @@ def _split_val(coco: Path, step: int, allow: bool, notes: list[str]) -> tuple[li
     return [str(path)], [p.name for p in chosen]
 
 
+def _detector_preprocess_of(ip):
+    """The DetectorPreprocess an InputParams describes (None when it leaves the resize to the model)."""
+    from .evaluators.coco.layouts import DetectorPreprocess
+
+    if ip is None or ip.resize not in ("letterbox", "letterbox_topleft", "resize"):
+        return None
+    return DetectorPreprocess(ip.resize, ip.color_format or "rgb", _three(ip.mean_value, 0.0),
+                              _three(ip.std_value, 1.0), "calibration")
+
+
+def _three(values, default: float) -> tuple[float, float, float]:
+    v = [float(x) for x in values] if values else [default]
+    return tuple(v * 3 if len(v) == 1 else v)
+
+
 def evaluator_for(data, task: str = "auto", model=None, labels=None, skip=None, mean=None, std=None, exclude=None,
-                  cache_dir=None, **_ignored):
-    """The evaluator for `data` with the options the model's preprocessing implies."""
+                  cache_dir=None, preset=None, color=None, detector_preprocess=None, **_ignored):
+    """The evaluator for `data` with the options the model's preprocessing implies.
+
+    detector_preprocess: what calibration used (setup passes it, so both see the same pixels); else --preset /
+    --color / --mean / --std when given, else the model's export decides (evaluators/coco/layouts.py)."""
+    from .config import InputParams
     from .evaluators import make_evaluator
+
+    if detector_preprocess is None and (preset in ("yolo", "yolox", "resize") or color):
+        ip = InputParams(mean_value=mean, std_value=std, color_format=color)
+        apply_preset(ip, preset or "yolo")
+        detector_preprocess = _detector_preprocess_of(ip)
 
     if not data:
         raise SensqError("no evaluation data given", "pass --data <COCO folder | data.yaml folder | image folder>")
@@ -212,6 +276,8 @@ def evaluator_for(data, task: str = "auto", model=None, labels=None, skip=None, 
         options["exclude"] = exclude
     if cache_dir and task in ("auto", "coco", "yolo", "imagenet"):
         options["pixel_cache"] = str(Path(cache_dir) / "pixels")  # preprocessed images beside the other caches
+    if detector_preprocess is not None:
+        options["detector_preprocess"] = detector_preprocess
     if task in ("auto", "imagenet"):
         if mean:
             options["mean"] = mean
@@ -237,5 +303,7 @@ def setup(progress: bool = True, **options):
     if not opts.get("mean") and cfg.inputs and cfg.inputs[0].preprocess_file == "IMAGENET":
         # evaluate with the normalization the model was calibrated with
         opts["mean"], opts["std"] = cfg.inputs[0].mean_value, cfg.inputs[0].std_value
+    if cfg.inputs and is_detector(cfg.model_path):
+        opts["detector_preprocess"] = _detector_preprocess_of(cfg.inputs[0])
     rest = {k: v for k, v in opts.items() if k not in ("task", "model")}
     return cfg, ws, evaluator_for(task=opts.get("task") or "auto", model=cfg.model_path, **rest)

@@ -17,9 +17,10 @@ from .errors import SensqError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
-# Resize modes: "letterbox" (detectors: keep aspect, pad gray 114), "resize" (plain stretch, xquant's default),
+# Resize modes: "letterbox" (Ultralytics: keep aspect, centre, pad gray 114), "letterbox_topleft" (YOLOX's preproc:
+# keep aspect, image in the top-left corner, pad 114 right and below), "resize" (plain stretch, xquant's default),
 # "imagenet" (shorter side to 256/224 of the crop, centre crop; xquant's IMAGENET and PT_IMAGENET presets).
-RESIZE_MODES = ("letterbox", "resize", "imagenet")
+RESIZE_MODES = ("letterbox", "letterbox_topleft", "resize", "imagenet")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ImagePreprocess:
             h0, w0 = bgr.shape[:2]
             if self.resize == "letterbox":
                 bgr, ratio, pad = letterbox(bgr, (self.height, self.width), self.pad_value)
+            elif self.resize == "letterbox_topleft":
+                bgr, ratio, pad = letterbox_topleft(bgr, (self.height, self.width), self.pad_value)
             else:
                 bgr = cv2.resize(bgr, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
                 ratio, pad = (self.width / w0, self.height / h0), (0.0, 0.0)
@@ -112,6 +115,16 @@ def letterbox(img: np.ndarray, new_shape: tuple[int, int], pad_value: int = 114)
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
     return img, (r, r), (dw, dh)
+
+
+def letterbox_topleft(img: np.ndarray, new_shape: tuple[int, int], pad_value: int = 114):
+    """YOLOX's preproc: resize keeping aspect (sizes truncated, as int(w * r)), image at the top-left, pad the rest."""
+    h0, w0 = img.shape[:2]
+    r = min(new_shape[0] / h0, new_shape[1] / w0)
+    w, h = int(w0 * r), int(h0 * r)
+    out = np.full((new_shape[0], new_shape[1], img.shape[2]), pad_value, np.uint8)
+    out[:h, :w] = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR) if (w, h) != (w0, h0) else img
+    return out, (r, r), (0.0, 0.0)
 
 
 def imagenet_crop(img: Image.Image, height: int, width: int) -> np.ndarray:

@@ -43,6 +43,11 @@ def yolov8n_random(data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def yolox_nano(data_dir) -> Path:
+    return _need("models", "yolox_nano.onnx")
+
+
+@pytest.fixture(scope="session")
 def coco_dir(data_dir) -> Path:
     return _need("coco")
 

@@ -347,4 +347,4 @@ def test_coco_input_errors(tmp_path, coco_dir):
     with pytest.raises(SensqError, match="annotations file not found"):
         load_coco(annotations=tmp_path / "x.json", images=tmp_path)
     with pytest.raises(SensqError, match="unknown detection layout"):
-        DetectionEvaluator(load_coco(coco_dir), layout="yolox")
+        DetectionEvaluator(load_coco(coco_dir), layout="ssd")

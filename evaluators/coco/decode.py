@@ -4,6 +4,8 @@ Layouts (one image's output, batch dimension removed):
   yolov5   N x (5 + C): cx, cy, w, h (input pixels), objectness, C class probabilities; score = obj * class
   yolov8   (4 + C) x N, or N x (4 + C) when transposed: cx, cy, w, h, C class probabilities (YOLOv8/11, YOLO26
            default export)
+  yolox    N x (5 + C) raw grid (YOLOX's default export): box offsets per cell of strides 8/16/32, objectness, C
+           class scores; decoded to the yolov5 rows first (layouts.py), then the same multi-label NMS
   end2end  K x 6: x1, y1, x2, y2 (input pixels), score, class index, best first, after an in-graph top-k (YOLO26
            with nms=False, YOLOv10); already final, so no NMS
 """
@@ -15,11 +17,12 @@ import numpy as np
 from sensq.errors import SensqError
 
 from .dataset import _parse_names
+from .layouts import decode_yolox
 
-LAYOUTS = ("yolov5", "yolov8", "end2end")
+LAYOUTS = ("yolov5", "yolov8", "yolox", "end2end")
 # Upstream validators' NMS IoU: yolov5 val.py uses 0.6, ultralytics (v8/11) DetectionValidator 0.7; end-to-end
-# outputs are not suppressed again.
-DEFAULT_IOU = {"yolov5": 0.6, "yolov8": 0.7, "end2end": None}
+# outputs are not suppressed again; YOLOX's COCO evaluation uses 0.65.
+DEFAULT_IOU = {"yolov5": 0.6, "yolov8": 0.7, "yolox": 0.65, "end2end": None}
 END2END_COLUMNS = 6
 COCO_CLASSES = 80
 
@@ -39,7 +42,7 @@ def num_classes(layout: str, shape: tuple[int, ...], names: list[str] | None) ->
     if names:
         return len(names)
     shape = tuple(int(s) for s in shape[-2:])
-    if layout == "yolov5":
+    if layout in ("yolov5", "yolox"):
         return shape[1] - 5
     if layout == "yolov8":
         return min(shape) - 4
@@ -91,11 +94,16 @@ def detect_layout(shape: tuple[int, ...], metadata: dict[str, str] | None = None
                      "export the model with Ultralytics (no NMS in the graph) or pass layout='yolov5'/'yolov8'/'end2end'")
 
 
-def candidates(output: np.ndarray, layout: str, conf: float, nc: int | None = None):
-    """Every (box, class) whose score exceeds conf: boxes cx,cy,w,h (input pixels), float32 scores, int classes."""
+def candidates(output: np.ndarray, layout: str, conf: float, nc: int | None = None, hw=None):
+    """Every (box, class) whose score exceeds conf: boxes cx,cy,w,h (input pixels), float32 scores, int classes.
+    hw: the model's input height, width (needed to decode a raw YOLOX grid)."""
     out = np.asarray(output)
     if out.ndim == 3:
         out = out[0]
+    if layout == "yolox":
+        if hw is None:
+            raise SensqError("decoding a raw YOLOX grid needs the model's input size", "pass imgsz=(H, W)")
+        out, layout = decode_yolox(out, hw), "yolov5"
     if layout == "yolov5":
         nc = nc or out.shape[1] - 5
         x = out[out[:, 4] > conf]  # objectness gate first, as yolov5's NMS
@@ -154,13 +162,13 @@ def _nms_keep(boxes, scores, classes, iou, max_det, max_nms) -> np.ndarray:
 
 
 def postprocess(output: np.ndarray, layout: str, conf: float = 0.001, iou: float | None = None, max_det: int = 300,
-                meta: dict | None = None, max_nms: int = 30000, nc: int | None = None):
+                meta: dict | None = None, max_nms: int = 30000, nc: int | None = None, hw=None):
     """Decode one image's raw YOLO output -> (boxes xyxy, scores, class indices), at most max_det, best first.
 
     Boxes are in original-image pixels when `meta` (from ImagePreprocess.pixels with letterbox) is given: padding
     removed, divided by the ratio, clipped to the image; otherwise in model-input pixels.
     """
-    cxcywh, scores, classes = candidates(output, layout, conf, nc)
+    cxcywh, scores, classes = candidates(output, layout, conf, nc, hw)
     boxes = np.empty((len(scores), 4), np.float64)
     boxes[:, :2] = cxcywh[:, :2] - cxcywh[:, 2:] / 2
     boxes[:, 2:] = cxcywh[:, 2:]

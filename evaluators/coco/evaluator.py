@@ -3,6 +3,7 @@ decode on a worker thread."""
 from __future__ import annotations
 
 import ast
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,10 @@ from sensq.runtime import make_session
 
 from .dataset import DetectionSet, load_coco, load_yolo
 from .decode import LAYOUTS, detect_layout, model_names, num_classes, postprocess, to_coco_rows
+from .layouts import ULTRALYTICS, DetectorExport, DetectorPreprocess, recognize
 from .metric import COCO_STAT_NAMES, coco_stats
+
+log = logging.getLogger("sensq")
 
 POST_AHEAD = 4  # batches inference may run ahead of decoding
 
@@ -58,9 +62,9 @@ class DetectionEvaluator:
     primary = "mAP50-95"
 
     def __init__(self, dataset: DetectionSet, imgsz=None, conf: float = 0.001, iou: float | None = None,
-                 max_det: int = 300, max_nms: int = 30000, layout: str = "auto", color_format: str = "rgb",
+                 max_det: int = 300, max_nms: int = 30000, layout: str = "auto", color_format: str | None = None,
                  batch_size: int = 1, threads: int | None = None, metric: str = "fast",
-                 pixel_cache=None):
+                 pixel_cache=None, preprocess: DetectorPreprocess | None = None):
         if layout not in ("auto", *LAYOUTS):
             raise SensqError(f"unknown detection layout {layout!r}", f"use auto, {', '.join(LAYOUTS)}")
         if metric not in ("fast", "pycocotools"):
@@ -69,7 +73,13 @@ class DetectionEvaluator:
         self.name = "yolo" if dataset.yolo_layout else "coco"
         self.imgsz = _parse_imgsz(imgsz)
         self.conf, self.iou, self.max_det, self.max_nms = conf, iou, max_det, max_nms
-        self.layout, self.color_format, self.batch_size, self.threads, self.metric = layout, color_format, batch_size, threads, metric
+        self.layout, self.batch_size, self.threads, self.metric = layout, batch_size, threads, metric
+        # preprocess None: the one the model's export was trained with (layouts.py), fixed by the first model scored
+        # (the FP32 reference), so every later model of a search sees the same pixels.
+        self.preprocess = preprocess
+        if color_format is not None:
+            self.preprocess = DetectorPreprocess(*_fields(preprocess or ULTRALYTICS, color=color_format.lower()))
+        self.export: DetectorExport | None = None
         self.preprocessor: ImagePreprocess | None = None  # of the cached pixels
         self.pixel_cache = pixel_cache
         self.store: PixelStore | None = None  # letterboxed uint8 pixels and geometry of the current size, on disk
@@ -80,12 +90,29 @@ class DetectionEvaluator:
 
     def signature(self) -> str:
         return (f"{self.name}:{self.data.source}:{len(self.data)}:conf={self.conf}:iou={self.iou}:max_det={self.max_det}"
-                f":layout={self.layout}:imgsz={self.imgsz}:color={self.color_format}")
+                f":layout={self.layout}:imgsz={self.imgsz}:pre={self.preprocess}")
+
+    def _recognize(self, model) -> None:
+        """Layout and preprocessing of the model's export, once (from the first model scored: the FP32 reference)."""
+        if self.export is not None:
+            return
+        proto = _load_proto(model)
+        self.export = recognize(proto) if proto is not None else DetectorExport(None, None, "model not readable as ONNX")
+        if self.preprocess is None:
+            self.preprocess = self.export.preprocess or ULTRALYTICS
+            if self.export.preprocess is None:
+                log.warning("detector preprocessing unknown (%s): assuming Ultralytics' (centred letterbox, RGB, x/255);"
+                            " pass --preset yolo|yolox or --color/--mean/--std if that is wrong", self.export.reason)
+            else:
+                log.info("detector preprocessing: %s (%s)", self.preprocess.name, self.export.reason)
+        if self.layout == "auto" and self.export.layout is not None:
+            self.layout = self.export.layout
 
     def _preprocess(self, hw: tuple[int, int], indices: list[int], progress: bool):
         if self.preprocessor is None or (self.preprocessor.height, self.preprocessor.width) != hw:
-            self.preprocessor = ImagePreprocess(hw[0], hw[1], resize="letterbox", color_format=self.color_format,
-                                                mean=[0.0], std=[255.0])
+            p = self.preprocess
+            self.preprocessor = ImagePreprocess(hw[0], hw[1], resize=p.resize, color_format=p.color,
+                                                mean=list(p.mean), std=list(p.std))
             self.store = PixelStore(self.pixel_cache, self.preprocessor, self.data.files)
         self.store.fill(indices, progress, f"{self.name}: preprocess")
         return self.preprocessor
@@ -93,6 +120,7 @@ class DetectionEvaluator:
     def evaluate(self, model, limit: int | None = None, progress: bool = True, indices=None) -> EvalResult:
         t0 = time.perf_counter()
         idx = resolve_indices(len(self.data), limit, indices)
+        self._recognize(model)
         session = make_session(model, self.threads)
         inp, metadata = _session_io(session)
         hw = _static_hw(inp.shape) or self.imgsz or _parse_imgsz(metadata.get("imgsz")) or (640, 640)
@@ -114,7 +142,7 @@ class DetectionEvaluator:
                     state["nc"] = num_classes(layout, out.shape[1:], names)
                     state["cats"] = self.data.category_map(state["nc"])
                 xyxy, scores, cls = postprocess(out[b], layout, self.conf, self.iou, self.max_det,
-                                                metas[b], self.max_nms, state["nc"])
+                                                metas[b], self.max_nms, state["nc"], hw)
                 rows.append(to_coco_rows(self.data.image_ids[i], xyxy, scores, state["cats"][cls]))
             return rows
 
@@ -145,7 +173,29 @@ class DetectionEvaluator:
                           n_samples=len(idx), seconds=time.perf_counter() - t0, inference_seconds=watch.total,
                           samples=samples,
                           extra={"coco_stats": named, "layout": state["layout"], "n_detections": int(len(dets)),
-                                 "imgsz": list(hw), "metric_backend": self.metric})
+                                 "imgsz": list(hw), "metric_backend": self.metric,
+                                 "preprocess": self.preprocess.name, "export": self.export.reason})
+
+
+def _fields(p: DetectorPreprocess, **changes) -> tuple:
+    d = {"resize": p.resize, "color": p.color, "mean": p.mean, "std": p.std, "name": p.name, **changes}
+    if changes:
+        d["name"] = "custom"
+    return d["resize"], d["color"], d["mean"], d["std"], d["name"]
+
+
+def _load_proto(model):
+    """The ModelProto behind a path / proto / bytes (None for a session object: recognition then uses defaults)."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        if isinstance(model, (bytes, bytearray)):
+            return onnx.load_from_string(bytes(model))
+        return onnx.load(str(model), load_external_data=False)
+    except Exception:  # a session object or an unreadable path: make_session reports the real problem
+        return None
 
 
 def make_coco_evaluator(data=None, annotations=None, images=None, exclude=None, **options) -> DetectionEvaluator:
