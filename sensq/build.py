@@ -26,9 +26,10 @@ from onnxruntime.quantization.quant_utils import QuantType
 
 from . import ranges as range_methods
 from .errors import SensqError
+from .passes.depthwise_inputs import quantize_depthwise_inputs_per_channel
 from .plan import PrecisionPlan
 from .ranges import Grid, compute_range, normalize_percentile
-from .statistics import CalibrationStats
+from .statistics import CalibrationStats, depthwise_inputs
 from .targets import get_target
 
 log = logging.getLogger("sensq")
@@ -192,6 +193,7 @@ class QDQBuilder:
         # Weights of the layers reading model inputs (overflow_fix="first_layer") -> their per-channel axis.
         self.first_layer_weights = first_layer_weights(self.model)
         self.io_tensors = graph_inputs | {o.name for o in self.model.graph.output}
+        self.depthwise = depthwise_inputs(self.model)
 
     # ranges ------------------------------------------------------------------------------------------------------
     def tensor_range(self, name: str, method: str, percentile: float, grid: Grid) -> tuple[float, float]:
@@ -241,7 +243,7 @@ class QDQBuilder:
 
     # build -------------------------------------------------------------------------------------------------------
     def build(self, plan: PrecisionPlan) -> onnx.ModelProto:
-        target = get_target(plan.target, plan.activation_type)
+        target = get_target(plan.target, plan.activation_type).with_placement(plan.placement)
         unknown = [n for n in plan.float_nodes if n not in set(self.node_names)]
         if unknown:
             raise SensqError(f"float node {unknown[0]!r} not in graph", "check node names (Netron shows them) or regenerate the plan for this model")
@@ -271,6 +273,10 @@ class QDQBuilder:
                 out = q.quantize_model()
         finally:
             logging.getLogger().setLevel(previous)
+        per_channel_dw = target.depthwise_per_channel if plan.depthwise_per_channel is None else plan.depthwise_per_channel
+        if per_channel_dw and self.stats.channels:
+            grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
+            quantize_depthwise_inputs_per_channel(out, self.stats.channels, self.depthwise, grid)
         return out
 
     def build_to(self, plan: PrecisionPlan, path: str | Path) -> onnx.ModelProto:

@@ -46,6 +46,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     q.add_argument("--overflow-fix", choices=["first_layer", "all", "none"],
                    help="7-bit weights against int16 saturation in ORT's x86 kernels without VNNI (default first_layer there, else none)")
+    q.add_argument("--placement", choices=["auto", "fused", "inputs"],
+                   help="where Q/DQ go: fused = the target's (ORT: every op, so QLinear kernels fuse); inputs = compute-layer "
+                        "inputs only, depthwise inputs per channel (NNCF's placement; on ORT the convs then run in float); "
+                        "auto (default) = fused unless its output error on calibration images is far worse than inputs'")
     q.add_argument("--truncate", nargs="+", metavar="TENSOR", help="truncate_var_names: everything after these tensors stays float")
     q.add_argument("--float-nodes", nargs="+", metavar="NODE", help="node names kept float")
     q.add_argument("--float-op-types", nargs="+", metavar="OP", help="op types kept float (e.g. Sigmoid Mul)")

@@ -80,6 +80,9 @@ class QuantizeConfig:
     activation_type: str | None = None
     per_channel: bool = True
     overflow_fix: str | None = None  # 7-bit weights: first_layer | all | none (None: the target's default)
+    # Q/DQ placement: auto (the target's, unless its output error is far worse than inputs-only: sensq/recipe.py),
+    # fused, inputs
+    placement: str = "auto"
     float_nodes: list[str] = field(default_factory=list)
     float_op_types: list[str] = field(default_factory=list)
     auto_float_head: bool = True
@@ -95,6 +98,8 @@ class QuantizeConfig:
         for cs in self.custom_setting:
             if cs.calibration_type and cs.calibration_type not in METHODS:
                 raise SensqError(f"calibration_type {cs.calibration_type} not implemented yet (custom_setting)", f"use one of: {', '.join(METHODS)}")
+        if self.placement not in ("auto", "fused", "inputs"):
+            raise SensqError(f"placement {self.placement!r} not supported", "use auto, fused or inputs")
         if self.calibration_step is None or int(self.calibration_step) < 1:
             raise SensqError(f"calibration_step {self.calibration_step} must be >= 1", "set calibration_step to the number of calibration samples to use, e.g. 100")
         self.calibration_step = int(self.calibration_step)
@@ -163,7 +168,7 @@ class QuantizeConfig:
                 "finetune_level": self.finetune_level, "max_percentile": self.max_percentile / 100.0,
                 "custom_setting": cs, "truncate_var_names": self.truncate_var_names,
                 "target": self.target, "activation_type": self.activation_type, "per_channel": self.per_channel,
-                "overflow_fix": self.overflow_fix,
+                "overflow_fix": self.overflow_fix, "placement": self.placement,
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types, "auto_float_head": self.auto_float_head,
             },
         }
@@ -175,7 +180,7 @@ _SECTION_KEYS = {
                                "input_parameters", "data_free", "seed"},
     "quantization_parameters": {"analysis_enable", "precision_level", "finetune_level", "max_percentile", "custom_setting",
                                 "truncate_var_names", "target", "activation_type", "per_channel", "overflow_fix", "float_nodes",
-                                "float_op_types", "auto_float_head"},
+                                "float_op_types", "auto_float_head", "placement"},
 }
 
 
@@ -232,7 +237,8 @@ def config_from_dict(data: dict, base_dir: str | Path = ".") -> QuantizeConfig:
         finetune_level=int(qp.get("finetune_level", 1)), max_percentile=qp.get("max_percentile", 0.9999),
         custom_setting=custom, truncate_var_names=list(qp.get("truncate_var_names", []) or []),
         target=qp.get("target", "ort-cpu"), activation_type=qp.get("activation_type"),
-        per_channel=bool(qp.get("per_channel", True)), overflow_fix=qp.get("overflow_fix"), float_nodes=list(qp.get("float_nodes", []) or []),
+        per_channel=bool(qp.get("per_channel", True)), overflow_fix=qp.get("overflow_fix"),
+        placement=qp.get("placement", "auto"), float_nodes=list(qp.get("float_nodes", []) or []),
         float_op_types=list(qp.get("float_op_types", []) or []), auto_float_head=bool(qp.get("auto_float_head", True)),
         base_dir=str(base_dir),
     )

@@ -22,6 +22,8 @@ class PrecisionPlan:
     target: str = "ort-cpu"
     activation_type: str | None = None  # None: the target's
     overflow_fix: str | None = None  # 7-bit weights: first_layer | all | none; None: the target's default
+    placement: str | None = None  # fused | inputs (targets/base.py PLACEMENTS); None: the target's own
+    depthwise_per_channel: bool | None = None  # depthwise conv inputs per channel; None: the target's default
     # provenance for humans (why nodes are float); not used by the builder
     notes: list[str] = field(default_factory=list)
 
@@ -33,6 +35,12 @@ class PrecisionPlan:
             from .errors import SensqError
 
             raise SensqError(f"overflow_fix {self.overflow_fix!r} not supported", f"use one of: {', '.join(OVERFLOW_FIXES)}")
+        from .targets.base import PLACEMENTS
+
+        if self.placement is not None and self.placement not in PLACEMENTS:
+            from .errors import SensqError
+
+            raise SensqError(f"placement {self.placement!r} not supported", f"use one of: {', '.join(PLACEMENTS)}")
         for o in self.tensor_overrides.values():
             check_method(o.get("method", self.method))
         self.float_nodes = sorted(set(self.float_nodes))
@@ -48,6 +56,9 @@ class PrecisionPlan:
     def key(self) -> str:
         d = self.to_dict()
         d.pop("notes")
+        for k in ("placement", "depthwise_per_channel"):  # unset knobs keep the keys plans had before they existed
+            if d[k] is None:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_float(self, extra_nodes, **changes) -> "PrecisionPlan":

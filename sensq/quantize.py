@@ -134,6 +134,7 @@ def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | No
     plan = PrecisionPlan(method=cfg.calibration_type, percentile=cfg.max_percentile, per_channel=cfg.per_channel,
                          float_nodes=float_nodes, tensor_overrides=overrides, target=cfg.target,
                          activation_type=cfg.activation_type, overflow_fix=cfg.overflow_fix,
+                         placement=None if cfg.placement in ("auto", "fused") else cfg.placement,
                          notes=[f"{len(v)} node(s) float: {k}" for k, v in reasons.items()])
     return plan, reasons
 
@@ -197,7 +198,12 @@ def prepare(cfg: QuantizeConfig, progress: bool = True) -> Workspace:
     head = confirm_head(head, graph, stats.tensors)  # pass 2: what the statistics show, printed as the reason
     plan, reasons = resolve_float_regions(cfg, graph, head)
     builder = QDQBuilder(model, stats, range_cache=cache_dir(cfg) / "stats" / f"{stats.key}.ranges.json")
-    return Workspace(cfg, model, graph, head, stats, builder, plan, reasons, cached, seconds, data)
+    ws = Workspace(cfg, model, graph, head, stats, builder, plan, reasons, cached, seconds, data)
+    if cfg.placement == "auto":
+        from .recipe import choose_placement
+
+        ws.base_plan = choose_placement(ws)
+    return ws
 
 
 @dataclass

@@ -95,6 +95,7 @@ class OpenVinoSession:
     def __init__(self, model, threads: int, precision: str = "f32"):
         data = _onnx_bytes(model)
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(data)
+        self.model_proto = proto  # what evaluators recognise the export from (evaluators/coco/layouts.py)
         self.compiled = compile_model(data, threads, precision)
         self.request = self.compiled.create_infer_request()
         self._meta = SimpleNamespace(custom_metadata_map={p.key: p.value for p in proto.metadata_props},

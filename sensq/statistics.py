@@ -31,7 +31,7 @@ from .errors import SensqError
 
 BINS_PER_SIGN = 4096
 SAMPLE_CAP = 1 << 16
-CACHE_VERSION = 2  # 2: sample stride coprime with the size (version 1 sampled with an aliasing stride)
+CACHE_VERSION = 3  # 2: sample stride coprime with the size; 3: per-channel min/max of depthwise-conv inputs
 
 
 @dataclass
@@ -122,6 +122,9 @@ class CalibrationStats:
     tensors: dict[str, TensorStats]
     key: str = ""
     n_samples: int = 0
+    # tensor -> (min per channel, max per channel) for the inputs of depthwise convs (axis 1), which may be
+    # quantized per channel (passes/depthwise_inputs.py)
+    channels: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         names = sorted(self.tensors)
@@ -134,8 +137,12 @@ class CalibrationStats:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, meta=json.dumps({"key": self.key, "n_samples": self.n_samples, "version": CACHE_VERSION}),
-                            names=np.array(names), minmax=arr["minmax"], scale=arr["scale"], count=arr["count"], hist=arr["hist"])
+        channels = {f"ch_lo_{i}": lo for i, (lo, _) in enumerate(self.channels.values())}
+        channels.update({f"ch_hi_{i}": hi for i, (_, hi) in enumerate(self.channels.values())})
+        np.savez_compressed(tmp, meta=json.dumps({"key": self.key, "n_samples": self.n_samples, "version": CACHE_VERSION,
+                                                  "channels": list(self.channels)}),
+                            names=np.array(names), minmax=arr["minmax"], scale=arr["scale"], count=arr["count"], hist=arr["hist"],
+                            **channels)
         tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache
 
     @classmethod
@@ -146,7 +153,8 @@ class CalibrationStats:
                 str(n): TensorStats(min=float(mm[0]), max=float(mm[1]), scale=float(s), hist=h.astype(np.int64), count=int(c))
                 for n, mm, s, c, h in zip(z["names"], z["minmax"], z["scale"], z["count"], z["hist"])
             }
-        return cls(tensors=tensors, key=meta["key"], n_samples=meta["n_samples"])
+            channels = {t: (z[f"ch_lo_{i}"], z[f"ch_hi_{i}"]) for i, t in enumerate(meta.get("channels", []))}
+        return cls(tensors=tensors, key=meta["key"], n_samples=meta["n_samples"], channels=channels)
 
 
 def float_activation_names(model: onnx.ModelProto) -> list[str]:
@@ -160,6 +168,37 @@ def float_activation_names(model: onnx.ModelProto) -> list[str]:
         names.extend(o for o in node.output if o)
     # Unknown type (0) is kept: shape inference misses some custom ops; ORT will tell us the dtype at run time.
     return [n for n in dict.fromkeys(names) if types.get(n, 0) in (0, onnx.TensorProto.FLOAT)]
+
+
+def depthwise_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Activation input -> node name of every depthwise Conv (group > 1, one input channel per group)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        w = inits.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        if w is not None and group > 1 and len(w.dims) == 4 and w.dims[1] == 1 and n.input[0] not in inits:
+            out.setdefault(n.input[0], n.name)
+    return out
+
+
+def _channel_reduce_nodes(model: onnx.ModelProto, tensors: list[str]) -> tuple[list, list, dict[str, tuple[str, str]]]:
+    """ReduceMin/ReduceMax over every axis but 1 (NCHW channels) for each tensor."""
+    from onnx import helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    nodes, inits, names = [], [], {}
+    if opset >= 18:  # axes became an input
+        inits.append(_int64s("__sensq_ch_axes", [0, 2, 3]))
+    for i, t in enumerate(tensors):
+        mn, mx = f"__sensq_chmin_{i}", f"__sensq_chmax_{i}"
+        for op, out in (("ReduceMin", mn), ("ReduceMax", mx)):
+            if opset >= 18:
+                nodes.append(helper.make_node(op, [t, "__sensq_ch_axes"], [out], keepdims=0, name=out + "_n"))
+            else:
+                nodes.append(helper.make_node(op, [t], [out], axes=[0, 2, 3], keepdims=0, name=out + "_n"))
+        names[t] = (mn, mx)
+    return nodes, inits, names
 
 
 def observer_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple]]:
@@ -190,8 +229,12 @@ def observer_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Mod
         sample = t if size is None else _sample_nodes(t, f"__sensq_{i}", size, nodes, inits)
         plan[t] = (mn, mx, sample, size)
         outputs += [mn, mx] + ([sample] if sample not in existing else [])
-    m.graph.node.extend(nodes)
-    m.graph.initializer.extend(inits)
+    ch_nodes, ch_inits, channels = _channel_reduce_nodes(m, [t for t in depthwise_inputs(model) if t in tensors])
+    for t, (mn, mx) in channels.items():
+        plan[("channels", t)] = (mn, mx)
+        outputs += [mn, mx]
+    m.graph.node.extend(nodes + ch_nodes)
+    m.graph.initializer.extend(inits + ch_inits)
     m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in dict.fromkeys(outputs) if o not in existing)
     return m, plan
 
@@ -251,6 +294,7 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
     session = make_session(observer, threads=threads)
     out_names = [o.name for o in session.get_outputs()]
     stats = {n: TensorStats() for n in names}
+    channels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     lock = threading.Lock()
 
     def accumulate(feed, outputs):
@@ -259,7 +303,13 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
             for name, value in feed.items():  # model inputs: already in numpy
                 if name in stats and value.dtype == np.float32:
                     stats[name].update(value)
-            for name, (mn, mx, sample, size) in plan.items():
+            for name, entry in plan.items():
+                if isinstance(name, tuple):  # ("channels", tensor): per-channel min/max vectors
+                    lo, hi = values[entry[0]].astype(np.float64), values[entry[1]].astype(np.float64)
+                    old = channels.get(name[1])
+                    channels[name[1]] = (lo, hi) if old is None else (np.minimum(old[0], lo), np.maximum(old[1], hi))
+                    continue
+                mn, mx, sample, size = entry
                 v = values[sample]
                 if not isinstance(v, np.ndarray) or v.dtype != np.float32:
                     continue  # shape inference missed a non-float tensor
@@ -282,4 +332,4 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
         if pending is not None:
             pending.result()
     observed = {k: v for k, v in stats.items() if v.count > 0}
-    return CalibrationStats(tensors=observed, n_samples=n)
+    return CalibrationStats(tensors=observed, n_samples=n, channels=channels)

@@ -190,6 +190,8 @@ def _load_proto(model):
 
     if isinstance(model, onnx.ModelProto):
         return model
+    if isinstance(getattr(model, "model_proto", None), onnx.ModelProto):  # a session that keeps its model
+        return model.model_proto
     try:
         if isinstance(model, (bytes, bytearray)):
             return onnx.load_from_string(bytes(model))

@@ -28,7 +28,9 @@ class TrialRecord:
     delta_int8: float = float("nan")  # metric - all-INT8's metric on the same samples
     pruned: dict | None = None  # {"by": trial, "diff": d, "lo": l, "hi": h, "n": samples} when stopped early
     latency: dict | None = None  # sensq.latency.PairedLatency.to_dict() + machine_id, date (None: not measured)
-    rejected: str | None = None  # the latency runtime cannot compile/run this plan's model (why), so it has no latency
+    # why the plan has no latency (the runtime cannot compile/run its model) or no metric either (the collapse guard,
+    # sensq/guard.py, stopped it before scoring)
+    rejected: str | None = None
     cost_proxy: float = float("nan")  # what the sampler minimizes (see SearchRun.sampler_cost)
     gbops: float = float("nan")
     seconds: dict = field(default_factory=dict)
@@ -54,9 +56,9 @@ class TrialRecord:
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
-    """Records of the COMPLETE trials, by trial number."""
+    """Records of the COMPLETE trials and of those the collapse guard rejected (told as PRUNED), by trial number."""
     out = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
         rec = TrialRecord.from_trial(t)
         if rec is not None:
             out.append(rec)

@@ -141,6 +141,9 @@ class SearchRun:
         self.fp32_hash = model_hash(self.ws.model)
         int8_model = self.ws.build()
         self.int8_hash = model_hash(int8_model)
+        from ..guard import PlanGuard
+
+        self.guard = PlanGuard(self.ws) if self.ws.data is not None and not self.ws.cfg.data_free else None
         self._connect()
         # scored by the study's first worker (the others wait, then read its per-sample results from the store)
         self.shared_reference, _ = self.coord.shared("reference", lambda: self._reference_doc(int8_model))
@@ -336,6 +339,9 @@ class SearchRun:
             raise
         p.trial.set_user_attr(ATTR, rec.to_json())
         p.trial.set_user_attr("label", rec.label)
+        if rec.metric is None:  # rejected by the collapse guard before scoring: nothing for the sampler to learn
+            self.study.tell(p.trial, state=optuna.trial.TrialState.PRUNED)
+            return
         self.study.tell(p.trial, [rec.delta_int8, self.sampler_cost(rec)])
         state = (f"stopped after {rec.fidelity} (worse than trial {rec.pruned['by']}: "
                  f"{rec.pruned['diff']:+.4f} [{rec.pruned['lo']:+.4f}, {rec.pruned['hi']:+.4f}])") if rec.pruned else \

@@ -32,7 +32,12 @@ class TrialEvaluator:
         t0 = time.perf_counter()
         qmodel = run.ws.build(plan)
         rec.model_hash, rec.structure_key = run.hash(qmodel), structure_key(qmodel)
+        guard = getattr(run, "guard", None)
+        rec.rejected = guard(qmodel) if guard is not None else None
         rec.seconds["build"] = round(time.perf_counter() - t0, 3)
+        if rec.rejected:  # never scored: its number would be a builder bug on the record (sensq/guard.py)
+            log.warning("trial %d: %s", rec.number, rec.rejected)
+            return rec
         session = _LazySession(qmodel)
         t1 = time.perf_counter()
         low = run.scorer.score(session, rec.model_hash, split.low_indices)

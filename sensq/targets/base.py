@@ -13,6 +13,12 @@ from typing import Callable
 from ..errors import SensqError
 
 OVERFLOW_FIXES = ("first_layer", "all", "none")
+# Where Q/DQ go: "fused" = the target's own placement (ORT CPU: every op's inputs and outputs, so QLinear kernels
+# fuse); "inputs" = only the inputs of compute layers and of ops that pass quantized values through (NNCF's and
+# OpenVINO's placement): nothing quantizes a conv's pre-activation or the inside of SiLU, at the cost, on ORT, of
+# running the convs in float after their DequantizeLinear.
+PLACEMENTS = ("fused", "inputs")
+INPUT_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def ort_default_op_types() -> tuple[str, ...]:
@@ -57,6 +63,9 @@ class Target:
     # quantized op quantizes its input instead. ORT CPU wants Conv outputs quantized (that makes QLinearConv);
     # OpenVINO and TensorRT fuse the activation that follows a Conv and quantize after it.
     no_output_quantization: tuple[str, ...] = ()
+    # depthwise conv inputs quantized per channel by default (passes/depthwise_inputs.py): where the runtime runs
+    # per-channel activation quantization in its int8 kernels
+    depthwise_per_channel: bool = False
     latency: str = "ort"  # default latency backend spec (sensq.latency.make_latency_backend)
     runtime: str = ""  # who runs the model, in words
 
@@ -68,6 +77,15 @@ class Target:
     def latency_spec(self, user_spec: str | None = None) -> str:
         """The latency backend to use: what the user asked for, else this target's default."""
         return user_spec or self.latency
+
+    def with_placement(self, placement: str | None) -> "Target":
+        """This target with Q/DQ on compute-layer inputs only (placement "inputs"); itself for None/"fused"."""
+        if placement in (None, "fused") or self.no_output_quantization:
+            return self
+        from .openvino_cpu import OPENVINO_CPU_OPS
+
+        return replace(self, op_types=OPENVINO_CPU_OPS, no_output_quantization=INPUT_COMPUTE_OPS,
+                       description=self.description + "; Q/DQ on compute-layer inputs only")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -23,6 +23,7 @@ def openvino_cpu() -> Target:
         op_types=OPENVINO_CPU_OPS,
         overflow_fix=fix,
         no_output_quantization=("Conv", "ConvTranspose", "MatMul", "Gemm"),  # NNCF: no FakeQuantize inside Conv+act
+        depthwise_per_channel=True,  # NNCF's default too; its int8 kernels take a scale per channel
         latency="openvino",
         runtime="OpenVINO CPU plugin (openvino package, ONNX frontend)",
     )
