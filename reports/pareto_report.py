@@ -91,6 +91,9 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
     if summary.get("slower_than_fp32"):
         lines.append(f"float islands cost more than INT8 saves (slower than FP32, interval above 1x): trials "
                      f"{', '.join(map(str, summary['slower_than_fp32']))} (unfused Q/DQ per trial: trials.csv)")
+    if summary.get("none_faster_than_fp32"):
+        lines.append("no INT8 plan is measurably faster than FP32 on this runtime (every latency interval reaches 1x): "
+                     "this front trades accuracy at about FP32 speed; try another --target or keep the model FP32")
     if summary.get("rejected"):
         lines.append(rejected_line(summary["rejected"]))
     if len(summary.get("machines", [])) > 1:

@@ -26,6 +26,7 @@ from onnxruntime.quantization.quant_utils import QuantType
 
 from . import ranges as range_methods
 from .errors import SensqError
+from .passes.bias_correction import correct_biases
 from .passes.depthwise_inputs import quantize_depthwise_inputs_per_channel
 from .plan import PrecisionPlan
 from .ranges import Grid, compute_range, normalize_percentile
@@ -277,6 +278,8 @@ class QDQBuilder:
         if per_channel_dw and self.stats.channels:
             grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
             quantize_depthwise_inputs_per_channel(out, self.stats.channels, self.depthwise, grid)
+        if plan.bias_correction == "fast" and self.stats.means:
+            correct_biases(out, self.model, self.stats.means)
         return out
 
     def build_to(self, plan: PrecisionPlan, path: str | Path) -> onnx.ModelProto:

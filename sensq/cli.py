@@ -50,6 +50,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where Q/DQ go: fused = the target's (ORT: every op, so QLinear kernels fuse); inputs = compute-layer "
                         "inputs only, depthwise inputs per channel (NNCF's placement; on ORT the convs then run in float); "
                         "auto (default) = fused unless its output error on calibration images is far worse than inputs'")
+    q.add_argument("--bias-correction", choices=["fast", "none"],
+                   help="fast: each conv's bias absorbs the mean output shift its weight rounding causes on the "
+                        "calibration inputs (Nagel et al. 2019; NNCF's default). Default none (see docs/benchmarks.md)")
     q.add_argument("--truncate", nargs="+", metavar="TENSOR", help="truncate_var_names: everything after these tensors stays float")
     q.add_argument("--float-nodes", nargs="+", metavar="NODE", help="node names kept float")
     q.add_argument("--float-op-types", nargs="+", metavar="OP", help="op types kept float (e.g. Sigmoid Mul)")

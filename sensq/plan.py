@@ -24,6 +24,7 @@ class PrecisionPlan:
     overflow_fix: str | None = None  # 7-bit weights: first_layer | all | none; None: the target's default
     placement: str | None = None  # fused | inputs (targets/base.py PLACEMENTS); None: the target's own
     depthwise_per_channel: bool | None = None  # depthwise conv inputs per channel; None: the target's default
+    bias_correction: str | None = None  # "fast": biases absorb the weight-rounding mean shift (passes/bias_correction.py)
     # provenance for humans (why nodes are float); not used by the builder
     notes: list[str] = field(default_factory=list)
 
@@ -37,6 +38,10 @@ class PrecisionPlan:
             raise SensqError(f"overflow_fix {self.overflow_fix!r} not supported", f"use one of: {', '.join(OVERFLOW_FIXES)}")
         from .targets.base import PLACEMENTS
 
+        if self.bias_correction not in (None, "fast"):
+            from .errors import SensqError
+
+            raise SensqError(f"bias_correction {self.bias_correction!r} not supported", "use fast, or leave it unset")
         if self.placement is not None and self.placement not in PLACEMENTS:
             from .errors import SensqError
 
@@ -56,7 +61,7 @@ class PrecisionPlan:
     def key(self) -> str:
         d = self.to_dict()
         d.pop("notes")
-        for k in ("placement", "depthwise_per_channel"):  # unset knobs keep the keys plans had before they existed
+        for k in ("placement", "depthwise_per_channel", "bias_correction"):  # unset knobs keep the keys plans had before they existed
             if d[k] is None:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -31,7 +31,7 @@ from .errors import SensqError
 
 BINS_PER_SIGN = 4096
 SAMPLE_CAP = 1 << 16
-CACHE_VERSION = 3  # 2: sample stride coprime with the size; 3: per-channel min/max of depthwise-conv inputs
+CACHE_VERSION = 3  # 2: sample stride coprime with the size; 3: per-channel min/max of depthwise-conv inputs, means of conv inputs
 
 
 @dataclass
@@ -125,6 +125,8 @@ class CalibrationStats:
     # tensor -> (min per channel, max per channel) for the inputs of depthwise convs (axis 1), which may be
     # quantized per channel (passes/depthwise_inputs.py)
     channels: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # tensor -> mean per channel (axis 1) of every conv's activation input (passes/bias_correction.py)
+    means: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         names = sorted(self.tensors)
@@ -139,8 +141,9 @@ class CalibrationStats:
         tmp = path.with_suffix(".tmp.npz")
         channels = {f"ch_lo_{i}": lo for i, (lo, _) in enumerate(self.channels.values())}
         channels.update({f"ch_hi_{i}": hi for i, (_, hi) in enumerate(self.channels.values())})
+        channels.update({f"mean_{i}": m for i, m in enumerate(self.means.values())})
         np.savez_compressed(tmp, meta=json.dumps({"key": self.key, "n_samples": self.n_samples, "version": CACHE_VERSION,
-                                                  "channels": list(self.channels)}),
+                                                  "channels": list(self.channels), "means": list(self.means)}),
                             names=np.array(names), minmax=arr["minmax"], scale=arr["scale"], count=arr["count"], hist=arr["hist"],
                             **channels)
         tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache
@@ -154,7 +157,8 @@ class CalibrationStats:
                 for n, mm, s, c, h in zip(z["names"], z["minmax"], z["scale"], z["count"], z["hist"])
             }
             channels = {t: (z[f"ch_lo_{i}"], z[f"ch_hi_{i}"]) for i, t in enumerate(meta.get("channels", []))}
-        return cls(tensors=tensors, key=meta["key"], n_samples=meta["n_samples"], channels=channels)
+            means = {t: z[f"mean_{i}"] for i, t in enumerate(meta.get("means", []))}
+        return cls(tensors=tensors, key=meta["key"], n_samples=meta["n_samples"], channels=channels, means=means)
 
 
 def float_activation_names(model: onnx.ModelProto) -> list[str]:
@@ -182,22 +186,31 @@ def depthwise_inputs(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
-def _channel_reduce_nodes(model: onnx.ModelProto, tensors: list[str]) -> tuple[list, list, dict[str, tuple[str, str]]]:
-    """ReduceMin/ReduceMax over every axis but 1 (NCHW channels) for each tensor."""
+def conv_inputs(model: onnx.ModelProto) -> list[str]:
+    """The activation input of every Conv with an initializer weight."""
+    inits = {i.name for i in model.graph.initializer}
+    return list(dict.fromkeys(n.input[0] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
+                              and n.input[1] in inits and n.input[0] not in inits))
+
+
+def _channel_reduce_nodes(model: onnx.ModelProto, tensors: list[str], ops=("ReduceMin", "ReduceMax"),
+                          tag: str = "ch") -> tuple[list, list, dict[str, tuple[str, ...]]]:
+    """Reductions over every axis but 1 (NCHW channels) for each tensor."""
     from onnx import helper
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     nodes, inits, names = [], [], {}
+    axes = f"__sensq_{tag}_axes"
     if opset >= 18:  # axes became an input
-        inits.append(_int64s("__sensq_ch_axes", [0, 2, 3]))
+        inits.append(_int64s(axes, [0, 2, 3]))
     for i, t in enumerate(tensors):
-        mn, mx = f"__sensq_chmin_{i}", f"__sensq_chmax_{i}"
-        for op, out in (("ReduceMin", mn), ("ReduceMax", mx)):
+        outs = tuple(f"__sensq_{tag}{op.lower()}_{i}" for op in ops)
+        for op, out in zip(ops, outs):
             if opset >= 18:
-                nodes.append(helper.make_node(op, [t, "__sensq_ch_axes"], [out], keepdims=0, name=out + "_n"))
+                nodes.append(helper.make_node(op, [t, axes], [out], keepdims=0, name=out + "_n"))
             else:
                 nodes.append(helper.make_node(op, [t], [out], axes=[0, 2, 3], keepdims=0, name=out + "_n"))
-        names[t] = (mn, mx)
+        names[t] = outs
     return nodes, inits, names
 
 
@@ -233,8 +246,13 @@ def observer_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Mod
     for t, (mn, mx) in channels.items():
         plan[("channels", t)] = (mn, mx)
         outputs += [mn, mx]
-    m.graph.node.extend(nodes + ch_nodes)
-    m.graph.initializer.extend(inits + ch_inits)
+    mean_nodes, mean_inits, means = _channel_reduce_nodes(m, [t for t in conv_inputs(model) if t in tensors],
+                                                          ("ReduceMean",), "mean")
+    for t, (mean,) in means.items():
+        plan[("means", t)] = (mean,)
+        outputs.append(mean)
+    m.graph.node.extend(nodes + ch_nodes + mean_nodes)
+    m.graph.initializer.extend(inits + ch_inits + mean_inits)
     m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in dict.fromkeys(outputs) if o not in existing)
     return m, plan
 
@@ -295,6 +313,7 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
     out_names = [o.name for o in session.get_outputs()]
     stats = {n: TensorStats() for n in names}
     channels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    mean_sums: dict[str, np.ndarray] = {}
     lock = threading.Lock()
 
     def accumulate(feed, outputs):
@@ -304,6 +323,9 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
                 if name in stats and value.dtype == np.float32:
                     stats[name].update(value)
             for name, entry in plan.items():
+                if isinstance(name, tuple) and name[0] == "means":  # per-channel mean of one sample (equal sizes)
+                    mean_sums[name[1]] = mean_sums.get(name[1], 0.0) + values[entry[0]].astype(np.float64)
+                    continue
                 if isinstance(name, tuple):  # ("channels", tensor): per-channel min/max vectors
                     lo, hi = values[entry[0]].astype(np.float64), values[entry[1]].astype(np.float64)
                     old = channels.get(name[1])
@@ -332,4 +354,5 @@ def collect(model: onnx.ModelProto, feeds, n_batches: int, threads: int | None =
         if pending is not None:
             pending.result()
     observed = {k: v for k, v in stats.items() if v.count > 0}
-    return CalibrationStats(tensors=observed, n_samples=n, channels=channels)
+    return CalibrationStats(tensors=observed, n_samples=n, channels=channels,
+                            means={t: v / max(n, 1) for t, v in mean_sums.items()})

@@ -177,5 +177,8 @@ def _summary(run, recs, rows, front, rec) -> dict:
         "proxy_agreement": run.sens.proxy_agreement if math.isfinite(run.sens.proxy_agreement) else None,
         # float islands whose conversions cost more than INT8 saves: measured slower than FP32 with confidence
         "slower_than_fp32": [r.number for r in recs if r.full and r.latency["ratio_ci"][0] > 1.0],
+        # no INT8 plan measurably faster than FP32 (every interval reaches 1x): the search trades accuracy only
+        "none_faster_than_fp32": bool([r for r in recs if r.full]) and all(r.latency["ratio_ci"][1] >= 1.0
+                                                                          for r in recs if r.full),
         "machines": sorted({r.latency["machine_id"] for r in recs if r.latency}),
     }
