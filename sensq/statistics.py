@@ -31,7 +31,7 @@ from .errors import SensqError
 
 BINS_PER_SIGN = 4096
 SAMPLE_CAP = 1 << 16
-CACHE_VERSION = 3  # 2: sample stride coprime with the size; 3: per-channel min/max of depthwise-conv inputs, means of conv inputs
+CACHE_VERSION = 4  # 2: sample stride coprime with the size; 3: per-channel min/max of depthwise-conv inputs; 4: + means of conv inputs
 
 
 @dataclass
