@@ -278,7 +278,10 @@ class QDQBuilder:
         if per_channel_dw and self.stats.channels:
             grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
             quantize_depthwise_inputs_per_channel(out, self.stats.channels, self.depthwise, grid)
-        if plan.bias_correction == "fast" and self.stats.means:
+        if plan.bias_correction == "fast":
+            if not self.stats.means:
+                raise SensqError("fast bias correction needs conv-input means, which these statistics lack",
+                                 "recalibrate (delete the statistics cache) or drop --bias-correction")
             correct_biases(out, self.model, self.stats.means)
         return out
 

@@ -152,6 +152,9 @@ def image_preprocess_for(params: InputParams, shape: list[int], yolo: bool) -> I
     return ImagePreprocess(h, w, resize, color, mean, std)
 
 
+KEEP_SAMPLES = 8  # the placement probe's and the plan guard's samples (a YOLO input: 4.9 MB each)
+
+
 class CalibrationData:
     """Iterates feed dicts over the calibration set (at most calibration_step samples)."""
 
@@ -161,13 +164,20 @@ class CalibrationData:
         if len(set(counts.values())) > 1:
             raise SensqError(f"calibration lists differ in length {counts}", "give every input the same number of files, in matching order")
         self.n = min(limit, min(counts.values()))
+        self._head: list[dict[str, np.ndarray]] = []  # analysis re-reads the first samples: load (and preprocess) once
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(self.n):
-            yield {s.name: s.load(i) for s in self.sources}
+            if i < len(self._head):
+                yield self._head[i]
+                continue
+            feed = {s.name: s.load(i) for s in self.sources}
+            if i == len(self._head) and i < KEEP_SAMPLES:
+                self._head.append(feed)
+            yield feed
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{self.n}|{'|'.join(s.fingerprint() for s in self.sources)}".encode()).hexdigest()[:16]

@@ -161,3 +161,16 @@ def postgres_url(postgres_server, request):
         cur.execute(f'CREATE DATABASE "{name}"')
     con.close()
     yield postgres_server.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(autouse=True)
+def sensq_logger_reset():
+    """The CLI points the "sensq" logger at the stderr of its test (then closed) and stops propagation: undo it,
+    so a later test's caplog sees sensq's warnings and no handler writes to a closed stream."""
+    import logging
+
+    yield
+    logger = logging.getLogger("sensq")
+    logger.handlers[:] = []
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
