@@ -84,6 +84,7 @@ class QuantizeConfig:
     # fused, inputs
     placement: str = "auto"
     bias_correction: str | None = None  # "fast" (passes/bias_correction.py)
+    equalize: str = "none"  # cross-layer equalization before calibration: none | exact | silu (passes/equalization.py)
     float_nodes: list[str] = field(default_factory=list)
     float_op_types: list[str] = field(default_factory=list)
     auto_float_head: bool = True
@@ -101,6 +102,8 @@ class QuantizeConfig:
                 raise SensqError(f"calibration_type {cs.calibration_type} not implemented yet (custom_setting)", f"use one of: {', '.join(METHODS)}")
         if self.placement not in ("auto", "fused", "inputs"):
             raise SensqError(f"placement {self.placement!r} not supported", "use auto, fused or inputs")
+        if self.equalize not in ("none", "exact", "silu"):
+            raise SensqError(f"equalize {self.equalize!r} not supported", "use none, exact or silu")
         if self.calibration_step is None or int(self.calibration_step) < 1:
             raise SensqError(f"calibration_step {self.calibration_step} must be >= 1", "set calibration_step to the number of calibration samples to use, e.g. 100")
         self.calibration_step = int(self.calibration_step)
@@ -170,7 +173,7 @@ class QuantizeConfig:
                 "custom_setting": cs, "truncate_var_names": self.truncate_var_names,
                 "target": self.target, "activation_type": self.activation_type, "per_channel": self.per_channel,
                 "overflow_fix": self.overflow_fix, "placement": self.placement,
-                "bias_correction": self.bias_correction,
+                "bias_correction": self.bias_correction, "equalize": self.equalize,
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types, "auto_float_head": self.auto_float_head,
             },
         }
@@ -182,7 +185,7 @@ _SECTION_KEYS = {
                                "input_parameters", "data_free", "seed"},
     "quantization_parameters": {"analysis_enable", "precision_level", "finetune_level", "max_percentile", "custom_setting",
                                 "truncate_var_names", "target", "activation_type", "per_channel", "overflow_fix", "float_nodes",
-                                "float_op_types", "auto_float_head", "placement", "bias_correction"},
+                                "float_op_types", "auto_float_head", "placement", "bias_correction", "equalize"},
 }
 
 
@@ -240,7 +243,8 @@ def config_from_dict(data: dict, base_dir: str | Path = ".") -> QuantizeConfig:
         custom_setting=custom, truncate_var_names=list(qp.get("truncate_var_names", []) or []),
         target=qp.get("target", "ort-cpu"), activation_type=qp.get("activation_type"),
         per_channel=bool(qp.get("per_channel", True)), overflow_fix=qp.get("overflow_fix"),
-        placement=qp.get("placement", "auto"), bias_correction=qp.get("bias_correction"), float_nodes=list(qp.get("float_nodes", []) or []),
+        placement=qp.get("placement", "auto"), bias_correction=qp.get("bias_correction"),
+        equalize=qp.get("equalize", "none"), float_nodes=list(qp.get("float_nodes", []) or []),
         float_op_types=list(qp.get("float_op_types", []) or []), auto_float_head=bool(qp.get("auto_float_head", True)),
         base_dir=str(base_dir),
     )

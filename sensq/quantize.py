@@ -69,6 +69,16 @@ class Workspace:
 
 
 def load_and_simplify(cfg: QuantizeConfig) -> onnx.ModelProto:
+    model = _simplified(cfg)
+    if cfg.equalize != "none":  # before calibration: it changes the activation ranges (and so the statistics key)
+        from .passes.equalization import equalize
+
+        model, pairs = equalize(model, cfg.equalize)
+        log.info("cross-layer equalization (%s): %d conv pairs", cfg.equalize, pairs)
+    return model
+
+
+def _simplified(cfg: QuantizeConfig) -> onnx.ModelProto:
     model = load_model(cfg.model_path)
     if cfg.skip_onnxsim:
         return model
@@ -198,6 +208,8 @@ def prepare(cfg: QuantizeConfig, progress: bool = True) -> Workspace:
     stats, cached, seconds, data = calibration_statistics(cfg, model, yolo=head is not None, progress=progress)
     head = confirm_head(head, graph, stats.tensors)  # pass 2: what the statistics show, printed as the reason
     plan, reasons = resolve_float_regions(cfg, graph, head)
+    if cfg.equalize != "none":
+        plan.notes.append(f"cross-layer equalization ({cfg.equalize}) applied to the float model before calibration")
     builder = QDQBuilder(model, stats, range_cache=cache_dir(cfg) / "stats" / f"{stats.key}.ranges.json")
     ws = Workspace(cfg, model, graph, head, stats, builder, plan, reasons, cached, seconds, data)
     if cfg.placement == "auto":
