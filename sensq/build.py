@@ -27,6 +27,7 @@ from onnxruntime.quantization.quant_utils import QuantType
 from . import ranges as range_methods
 from .errors import SensqError
 from .passes.bias_correction import correct_biases
+from .passes.weight_clipping import clip_weights_mse
 from .passes.depthwise_inputs import quantize_depthwise_inputs_per_channel
 from .plan import PrecisionPlan
 from .ranges import Grid, compute_range, normalize_percentile
@@ -278,6 +279,8 @@ class QDQBuilder:
         if per_channel_dw and self.stats.channels:
             grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
             quantize_depthwise_inputs_per_channel(out, self.stats.channels, self.depthwise, grid)
+        if plan.weight_range == "mse":  # before bias correction: it corrects the final weights' rounding
+            clip_weights_mse(out, self.model)
         if plan.bias_correction == "fast":
             if not self.stats.means:
                 raise SensqError("fast bias correction needs conv-input means, which these statistics lack",

@@ -53,6 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--bias-correction", choices=["fast", "none"],
                    help="fast: each conv's bias absorbs the mean output shift its weight rounding causes on the "
                         "calibration inputs (Nagel et al. 2019; NNCF's default). Default none (see docs/benchmarks.md)")
+    q.add_argument("--weight-range", choices=["minmax", "mse"],
+                   help="conv weight scales: minmax (onnxruntime's, default) or mse (per-channel clipping ratio with "
+                        "the smallest squared weight error)")
     q.add_argument("--equalize", choices=["none", "exact", "silu"],
                    help="cross-layer equalization before calibration (Nagel et al. 2019): exact = conv pairs joined by "
                         "ReLU or nothing (the float model's function is unchanged); silu also equalizes across SiLU "

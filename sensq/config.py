@@ -84,6 +84,7 @@ class QuantizeConfig:
     # fused, inputs
     placement: str = "auto"
     bias_correction: str | None = None  # "fast" (passes/bias_correction.py)
+    weight_range: str | None = None  # "mse" (passes/weight_clipping.py); None: min/max
     equalize: str = "none"  # cross-layer equalization before calibration: none | exact | silu (passes/equalization.py)
     float_nodes: list[str] = field(default_factory=list)
     float_op_types: list[str] = field(default_factory=list)
@@ -173,7 +174,7 @@ class QuantizeConfig:
                 "custom_setting": cs, "truncate_var_names": self.truncate_var_names,
                 "target": self.target, "activation_type": self.activation_type, "per_channel": self.per_channel,
                 "overflow_fix": self.overflow_fix, "placement": self.placement,
-                "bias_correction": self.bias_correction, "equalize": self.equalize,
+                "bias_correction": self.bias_correction, "equalize": self.equalize, "weight_range": self.weight_range,
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types, "auto_float_head": self.auto_float_head,
             },
         }
@@ -185,7 +186,7 @@ _SECTION_KEYS = {
                                "input_parameters", "data_free", "seed"},
     "quantization_parameters": {"analysis_enable", "precision_level", "finetune_level", "max_percentile", "custom_setting",
                                 "truncate_var_names", "target", "activation_type", "per_channel", "overflow_fix", "float_nodes",
-                                "float_op_types", "auto_float_head", "placement", "bias_correction", "equalize"},
+                                "float_op_types", "auto_float_head", "placement", "bias_correction", "equalize", "weight_range"},
 }
 
 
@@ -244,7 +245,7 @@ def config_from_dict(data: dict, base_dir: str | Path = ".") -> QuantizeConfig:
         target=qp.get("target", "ort-cpu"), activation_type=qp.get("activation_type"),
         per_channel=bool(qp.get("per_channel", True)), overflow_fix=qp.get("overflow_fix"),
         placement=qp.get("placement", "auto"), bias_correction=qp.get("bias_correction"),
-        equalize=qp.get("equalize", "none"), float_nodes=list(qp.get("float_nodes", []) or []),
+        equalize=qp.get("equalize", "none"), weight_range=qp.get("weight_range"), float_nodes=list(qp.get("float_nodes", []) or []),
         float_op_types=list(qp.get("float_op_types", []) or []), auto_float_head=bool(qp.get("auto_float_head", True)),
         base_dir=str(base_dir),
     )

@@ -25,6 +25,7 @@ class PrecisionPlan:
     placement: str | None = None  # fused | inputs (targets/base.py PLACEMENTS); None: the target's own
     depthwise_per_channel: bool | None = None  # depthwise conv inputs per channel; None: the target's default
     bias_correction: str | None = None  # "fast": biases absorb the weight-rounding mean shift (passes/bias_correction.py)
+    weight_range: str | None = None  # "mse": per-channel MSE clipping of conv weights (passes/weight_clipping.py)
     # provenance for humans (why nodes are float); not used by the builder
     notes: list[str] = field(default_factory=list)
 
@@ -42,6 +43,10 @@ class PrecisionPlan:
             from .errors import SensqError
 
             raise SensqError(f"bias_correction {self.bias_correction!r} not supported", "use fast, or leave it unset")
+        if self.weight_range not in (None, "mse"):
+            from .errors import SensqError
+
+            raise SensqError(f"weight_range {self.weight_range!r} not supported", "use mse, or leave it unset (min/max)")
         if self.placement is not None and self.placement not in PLACEMENTS:
             from .errors import SensqError
 
@@ -61,7 +66,7 @@ class PrecisionPlan:
     def key(self) -> str:
         d = self.to_dict()
         d.pop("notes")
-        for k in ("placement", "depthwise_per_channel", "bias_correction"):  # unset knobs keep the keys plans had before they existed
+        for k in ("placement", "depthwise_per_channel", "bias_correction", "weight_range"):  # unset knobs keep the keys plans had before they existed
             if d[k] is None:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -145,7 +145,7 @@ def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | No
                          float_nodes=float_nodes, tensor_overrides=overrides, target=cfg.target,
                          activation_type=cfg.activation_type, overflow_fix=cfg.overflow_fix,
                          placement=None if cfg.placement in ("auto", "fused") else cfg.placement,
-                         bias_correction=cfg.bias_correction,
+                         bias_correction=cfg.bias_correction, weight_range=cfg.weight_range,
                          notes=[f"{len(v)} node(s) float: {k}" for k, v in reasons.items()])
     return plan, reasons
 
