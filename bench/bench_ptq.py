@@ -2,7 +2,9 @@
 
     python bench/bench_ptq.py [--models yolov5n yolox_nano efficientnet] [--rounds 10] [--calib 100]
 
-Rows per model: FP32; sensq default (run by ORT); sensq with each placement; sensq --target openvino-cpu run by
+Rows per model: FP32; sensq default (run by ORT); sensq with each placement and each technique alone (fast bias
+correction, MSE weight clipping, MSE activation ranges, cross-layer equalization exact / approx) and combined;
+sensq --target openvino-cpu run by
 OpenVINO; NNCF 3.x defaults on the ONNX model (opset 13) run by ORT, and on the OpenVINO model run by OpenVINO;
 onnxruntime quantize_static (MinMax, per-channel, QDQ) run by ORT. Columns: metric, its paired 95 % interval of the
 difference to FP32 on the same runtime's samples (BCa bootstrap over images, as the search), and the latency ratio to
@@ -137,6 +139,10 @@ def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
     ws = prepare(cfg, progress=False)
     sensq_seconds = time.perf_counter() - t
     feeds = ws.samples(calib_n)
+
+    def variant(**options):  # options that change the float model are calibrated afresh
+        return prepare(build_config(model=path, calib=[str(c) for c in calib], calib_step=calib_n, **options),
+                       progress=False)
     fp32 = onnx.load(str(path))
     ev = evaluator_for(str(data), model=cfg.model_path, **eval_opts,
                        **({"mean": cfg.inputs[0].mean_value, "std": cfg.inputs[0].std_value}
@@ -146,6 +152,12 @@ def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
             "sensq --placement fused (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], placement=None, depthwise_per_channel=None))),
             "sensq --placement inputs (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], placement="inputs", depthwise_per_channel=True))),
             "sensq + fast bias correction (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], bias_correction="fast"))),
+            "sensq + --weight-range mse (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], weight_range="mse"))),
+            "sensq + --method mse (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], method="mse"))),
+            "sensq + --equalize exact (ORT)": ("ort", lambda: variant(equalize="exact").build()),
+            "sensq + --equalize approx (ORT)": ("ort", lambda: variant(equalize="approx").build()),
+            "sensq + all: approx CLE, mse weights, bias correction (ORT)": ("ort", lambda: variant(
+                equalize="approx", weight_range="mse", bias_correction="fast").build()),
             "sensq --target openvino-cpu (OpenVINO)": ("ov", lambda: ws.build(ws.base_plan.with_float([], target="openvino-cpu", placement=None, depthwise_per_channel=None))),
             "NNCF ONNX (ORT)": ("ort", lambda: nncf_onnx(fp32, feeds)),
             "NNCF OpenVINO (OpenVINO)": ("ovm", lambda: nncf_openvino(path, feeds)),

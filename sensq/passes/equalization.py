@@ -6,8 +6,9 @@ function unchanged while moving weight range between them. s_c = sqrt(r1_c / r2_
 both the same range sqrt(r1_c r2_c), which per-channel INT8 weights quantize with less relative error where one
 layer's channels span orders of magnitude (depthwise convs above all).
 
-Mode "exact" equalizes only such pairs. Mode "silu" adds pairs joined by SiLU (x * sigmoid(x)) - not homogeneous, so
-the equalized float model differs from the original; use it only where a paired benchmark shows it helps. The pass
+Mode "exact" equalizes only such pairs. Mode "approx" adds pairs joined by SiLU (x * sigmoid(x)) or ReLU6 (Clip) -
+not homogeneous, so the equalized float model differs from the original (AIMET replaces ReLU6 by ReLU for the same
+reason); use it only where a paired benchmark shows it helps. The pass
 runs before calibration (it changes the activation ranges), so the statistics key follows the equalized model.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from onnx import numpy_helper
 
 log = logging.getLogger("sensq")
 
-EQUALIZE_MODES = ("none", "exact", "silu")
+EQUALIZE_MODES = ("none", "exact", "approx")
 ITERATIONS = 8  # chains (conv-relu-conv-relu-conv) converge in a few sweeps, as in AIMET
 
 
@@ -47,7 +48,7 @@ def _silu_output(x: str, cons: dict) -> str | None:
 
 
 def find_pairs(model: onnx.ModelProto, mode: str) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
-    """(first conv, second conv) pairs joined by nothing, a ReLU or (mode silu) a SiLU, with no other consumer."""
+    """(first conv, second conv) pairs joined by nothing, a ReLU or (mode approx) a SiLU or Clip, no other consumer."""
     g = model.graph
     cons = _consumers(g)
     inits = {i.name for i in g.initializer}
@@ -58,9 +59,9 @@ def find_pairs(model: onnx.ModelProto, mode: str) -> list[tuple[onnx.NodeProto, 
         if a.op_type != "Conv" or a.input[1] not in inits or a.input[1] in shared or a.output[0] in outputs:
             continue
         t, users = a.output[0], cons.get(a.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Relu":
+        if len(users) == 1 and (users[0].op_type == "Relu" or (mode == "approx" and users[0].op_type == "Clip")):
             t = users[0].output[0]
-        elif mode == "silu" and len(users) == 2:
+        elif mode == "approx" and len(users) == 2:
             t = _silu_output(t, cons)
         elif not (len(users) == 1 and users[0].op_type == "Conv"):
             continue
