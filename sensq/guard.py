@@ -4,25 +4,50 @@ all-INT8 is a builder (or runtime) problem; it is rejected with its reason inste
 left on the record as if that were a measurement."""
 from __future__ import annotations
 
+from .plan import PrecisionPlan
+
 GUARD_SAMPLES = 4
 GUARD_FACTOR = 3.0  # output NSR above 3x all-INT8's ...
 GUARD_FLOOR = 0.02  # ... and above all-INT8's + 0.02 (tiny NSRs differ by large factors through noise)
 
 
 class PlanGuard:
-    """guard(qmodel) -> None when the model is sound, else the one-line reason it is rejected."""
+    """guard(qmodel, plan) -> None when the model is sound, else the one-line reason it is rejected.
+
+    The reference is the plan's own all-INT8 counterpart: the same method, weights, placement and corrections with
+    only the base plan's float nodes. A plan with a worse calibration method (minmax per-tensor on YOLOX-Nano) is
+    legitimately worse than the default all-INT8 and is scored; only keeping more layers float than its counterpart
+    and ending far worse is a builder problem."""
 
     def __init__(self, ws, samples: int = GUARD_SAMPLES):
         from .evaluators.layer_error import RegionErrorProbe
 
+        self.ws = ws
         self.probe = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(samples))
-        self.base = self.probe(ws.build())["Output SNR"]
-        self.limit = max(GUARD_FACTOR * self.base, self.base + GUARD_FLOOR)
+        self._reference: dict[str, float] = {}  # counterpart plan key -> its output NSR
+        self.base = self.reference(ws.base_plan)
 
-    def __call__(self, qmodel) -> str | None:
+    def counterpart(self, plan: PrecisionPlan) -> PrecisionPlan:
+        d = plan.to_dict()
+        d["float_nodes"] = list(self.ws.base_plan.float_nodes)
+        return PrecisionPlan.from_dict(d)
+
+    def reference(self, plan: PrecisionPlan) -> float:
+        ref = self.counterpart(plan)
+        key = ref.key()
+        if key not in self._reference:
+            self._reference[key] = self.probe(self.ws.build(ref))["Output SNR"]
+        return self._reference[key]
+
+    def __call__(self, qmodel, plan: PrecisionPlan | None = None) -> str | None:
+        plan = plan or self.ws.base_plan
+        if plan is not self.ws.base_plan and plan.key() == self.counterpart(plan).key():
+            return None  # all-INT8 under its own knobs: nothing it could be compared with
+        base = self.reference(plan)
+        limit = max(GUARD_FACTOR * base, base + GUARD_FLOOR)
         nsr = self.probe(qmodel)["Output SNR"]
-        if nsr <= self.limit:
+        if nsr <= limit:
             return None
-        return (f"collapse guard: output NSR {nsr:.4f} on {len(self.probe.feeds)} calibration samples against all-INT8's "
-                f"{self.base:.4f} (limit {self.limit:.4f}); keeping layers float cannot add error, so this is a build "
-                f"problem, not a measurement")
+        return (f"collapse guard: output NSR {nsr:.4f} on {len(self.probe.feeds)} calibration samples against "
+                f"{base:.4f} for the same plan with no layer kept float (limit {limit:.4f}); keeping layers float "
+                f"cannot add that much error, so this is a build problem, not a measurement")

@@ -20,18 +20,6 @@ from search_helpers import (PNG_SIGNATURE, SEED_LABELS, Tiny, load_study, make_t
                             study_records, tiny_settings)
 
 
-@pytest.fixture(autouse=True)
-def restore_sensq_logger():
-    """cli.main() binds the sensq logger to the (captured) stderr of the moment; undo that after each test."""
-    import logging
-
-    logger = logging.getLogger("sensq")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:] = saved[0]
-    logger.level, logger.propagate = saved[1], saved[2]
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Tiny:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
@@ -246,3 +234,27 @@ def test_fp32_reference_is_measured_in_every_run(tiny, tmp_path, monkeypatch):
     assert len(measured) == 2  # one FP32 measurement per run
     assert first["fp32_ms_this_run"] != second["fp32_ms_this_run"]  # a new measurement, not a cached number
     assert first["machine"]["machine_id"] == second["machine"]["machine_id"]
+
+
+def test_a_plan_the_collapse_guard_rejects_is_pruned_once_not_retried(tiny, tmp_path, monkeypatch):
+    """A rejected plan is told PRUNED with its reason and counts toward the budget: told FAIL, Optuna's retry
+    callback re-queued it and the search rejected the same plan forever (seen on YOLOX-Nano: 1,584 trials)."""
+    from sensq.guard import PlanGuard
+
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    base = set(ws.base_plan.float_nodes)
+    calls = []
+
+    def reject_float_sets(self, qmodel, plan=None):
+        calls.append(plan)
+        assert len(calls) < 50, "the search keeps building rejected plans"  # fail fast, not hang, on a regression
+        return "collapse guard: test" if plan is not None and set(plan.float_nodes) - base else None
+
+    monkeypatch.setattr(PlanGuard, "__call__", reject_float_sets)
+    run_search(ws, ev, tiny_settings(tmp_path / "w", 4), progress=False)
+    study = load_study(tmp_path / "w")
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.FAIL not in states
+    rejected = [r for r in study_records(tmp_path / "w") if r.rejected]
+    assert rejected and all(r.rejected == "collapse guard: test" and np.isnan(r.metric) for r in rejected)
+    assert len(study.trials) <= 4 + 4  # budget plus the sensitivity and FP32 bookkeeping, not an endless retry

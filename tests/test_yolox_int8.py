@@ -87,3 +87,18 @@ def test_collapse_guard_rejects_a_broken_model_and_passes_a_float_subset(yolov5n
     weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
     reason = guard(broken)
     assert reason is not None and "collapse guard" in reason
+
+
+def test_collapse_guard_compares_a_plan_with_its_own_all_int8(yolov5n_ws):
+    """A worse calibration method is a measurement, not a collapse: the reference is the same knobs with no float set
+    (YOLOX-Nano's minmax per-tensor plans were rejected against the default all-INT8, and retried without end)."""
+    from sensq.guard import PlanGuard
+
+    ws = yolov5n_ws
+    guard = PlanGuard(ws)
+    plan = ws.base_plan.with_float([n for n in ws.graph.nodes if n.startswith("/model.2/")][:6], method="minmax",
+                                   per_channel=False, overflow_fix="all")
+    ref = guard.counterpart(plan)
+    assert ref.method == "minmax" and not ref.per_channel and ref.float_nodes == ws.base_plan.float_nodes
+    assert guard.reference(plan) > guard.base  # per-tensor minmax all-INT8 is itself worse than the default
+    assert guard(ws.build(plan), plan) is None

@@ -6,6 +6,8 @@ command resumes). A trial is data (search/records.py); the front rule lives in s
 """
 from __future__ import annotations
 
+import math
+
 import json
 import logging
 import os
@@ -339,7 +341,8 @@ class SearchRun:
             raise
         p.trial.set_user_attr(ATTR, rec.to_json())
         p.trial.set_user_attr("label", rec.label)
-        if rec.metric is None:  # rejected by the collapse guard before scoring: nothing for the sampler to learn
+        if rec.rejected and math.isnan(rec.metric):  # the collapse guard stopped it before scoring: nothing to learn;
+            # PRUNED, not FAIL: a failed trial is retried, and this one would be rejected again, forever
             self.study.tell(p.trial, state=optuna.trial.TrialState.PRUNED)
             return
         self.study.tell(p.trial, [rec.delta_int8, self.sampler_cost(rec)])

@@ -33,7 +33,7 @@ class TrialEvaluator:
         qmodel = run.ws.build(plan)
         rec.model_hash, rec.structure_key = run.hash(qmodel), structure_key(qmodel)
         guard = getattr(run, "guard", None)
-        rec.rejected = guard(qmodel) if guard is not None else None
+        rec.rejected = guard(qmodel, plan) if guard is not None else None
         rec.seconds["build"] = round(time.perf_counter() - t0, 3)
         if rec.rejected:  # never scored: its number would be a builder bug on the record (sensq/guard.py)
             log.warning("trial %d: %s", rec.number, rec.rejected)
