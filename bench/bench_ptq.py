@@ -3,7 +3,7 @@
     python bench/bench_ptq.py [--models yolov5n yolox_nano efficientnet] [--rounds 10] [--calib 100]
 
 Rows per model: FP32; sensq default (run by ORT); sensq with each placement and each technique alone (fast bias
-correction, MSE weight clipping, MSE activation ranges, cross-layer equalization exact / approx) and combined;
+correction, MSE weight clipping, MSE activation ranges, cross-layer equalization) and combined;
 sensq --target openvino-cpu run by
 OpenVINO; NNCF 3.x defaults on the ONNX model (opset 13) run by ORT, and on the OpenVINO model run by OpenVINO;
 onnxruntime quantize_static (MinMax, per-channel, QDQ) run by ORT. Columns: metric, its paired 95 % interval of the
@@ -32,7 +32,7 @@ MODELS = {
     "yolov5n": (DATA / "models" / "yolov5n.onnx", [DATA / "coco" / "train2017"], DATA / "coco", {}),
     "yolox_nano": (DATA / "models" / "yolox_nano.onnx", [DATA / "coco" / "train2017"], DATA / "coco", {}),
     "efficientnet": (DATA / "imagenet" / "efficientnet_lite0.onnx", [REPO / "examples" / "calib_list_imagenet.txt"],
-                     DATA / "imagenet" / "images", {"skip": 100}),
+                     DATA / "imagenet", {"skip": 100, "labels": str(DATA / "imagenet" / "images_labels.tsv")}),
 }
 
 
@@ -155,9 +155,8 @@ def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
             "sensq + --weight-range mse (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], weight_range="mse"))),
             "sensq + --method mse (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], method="mse"))),
             "sensq + --equalize exact (ORT)": ("ort", lambda: variant(equalize="exact").build()),
-            "sensq + --equalize approx (ORT)": ("ort", lambda: variant(equalize="approx").build()),
-            "sensq + all: approx CLE, mse weights, bias correction (ORT)": ("ort", lambda: variant(
-                equalize="approx", weight_range="mse", bias_correction="fast").build()),
+            "sensq + all: exact CLE, mse weights, bias correction (ORT)": ("ort", lambda: variant(
+                equalize="exact", weight_range="mse", bias_correction="fast").build()),
             "sensq --target openvino-cpu (OpenVINO)": ("ov", lambda: ws.build(ws.base_plan.with_float([], target="openvino-cpu", placement=None, depthwise_per_channel=None))),
             "NNCF ONNX (ORT)": ("ort", lambda: nncf_onnx(fp32, feeds)),
             "NNCF OpenVINO (OpenVINO)": ("ovm", lambda: nncf_openvino(path, feeds)),

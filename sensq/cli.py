@@ -56,10 +56,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--weight-range", choices=["minmax", "mse"],
                    help="conv weight scales: minmax (onnxruntime's, default) or mse (per-channel clipping ratio with "
                         "the smallest squared weight error)")
-    q.add_argument("--equalize", choices=["none", "exact", "approx"],
+    q.add_argument("--equalize", choices=["none", "exact"],
                    help="cross-layer equalization before calibration (Nagel et al. 2019): exact = conv pairs joined by "
-                        "ReLU or nothing (the float model's function is unchanged); approx also equalizes across SiLU "
-                        "and ReLU6 (the function changes a little). Default none (see docs/benchmarks.md)")
+                        "ReLU or nothing (the float model's function is unchanged; SiLU / ReLU6 pairs are left alone). Default none (see docs/benchmarks.md)")
     q.add_argument("--truncate", nargs="+", metavar="TENSOR", help="truncate_var_names: everything after these tensors stays float")
     q.add_argument("--float-nodes", nargs="+", metavar="NODE", help="node names kept float")
     q.add_argument("--float-op-types", nargs="+", metavar="OP", help="op types kept float (e.g. Sigmoid Mul)")

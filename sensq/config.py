@@ -85,7 +85,7 @@ class QuantizeConfig:
     placement: str = "auto"
     bias_correction: str | None = None  # "fast" (passes/bias_correction.py)
     weight_range: str | None = None  # "mse" (passes/weight_clipping.py); None: min/max
-    equalize: str = "none"  # cross-layer equalization before calibration: none | exact | silu (passes/equalization.py)
+    equalize: str = "none"  # cross-layer equalization before calibration: none | exact (passes/equalization.py)
     float_nodes: list[str] = field(default_factory=list)
     float_op_types: list[str] = field(default_factory=list)
     auto_float_head: bool = True
@@ -103,8 +103,8 @@ class QuantizeConfig:
                 raise SensqError(f"calibration_type {cs.calibration_type} not implemented yet (custom_setting)", f"use one of: {', '.join(METHODS)}")
         if self.placement not in ("auto", "fused", "inputs"):
             raise SensqError(f"placement {self.placement!r} not supported", "use auto, fused or inputs")
-        if self.equalize not in ("none", "exact", "approx"):
-            raise SensqError(f"equalize {self.equalize!r} not supported", "use none, exact or approx")
+        if self.equalize not in ("none", "exact"):
+            raise SensqError(f"equalize {self.equalize!r} not supported", "use none or exact")
         if self.calibration_step is None or int(self.calibration_step) < 1:
             raise SensqError(f"calibration_step {self.calibration_step} must be >= 1", "set calibration_step to the number of calibration samples to use, e.g. 100")
         self.calibration_step = int(self.calibration_step)

@@ -62,21 +62,17 @@ def test_exact_pairs_keep_the_function_and_balance_the_ranges():
     assert before.max() / before.min() > 10 > _ranges(eq, "w0", 0).max() / _ranges(eq, "w0", 0).min()
 
 
-def test_silu_pairs_only_in_approx_mode_and_then_approximately():
+def test_silu_and_relu6_pairs_are_left_alone():
+    """Not homogeneous: equalizing across them changes the float model (measured: yolov5n all-INT8 0.2962 -> 0.0633)."""
     model = _chain(["silu", "relu"])
-    assert len(find_pairs(model, "exact")) == 1 and len(find_pairs(model, "approx")) == 2
-    eq, n = equalize(model, "approx")
-    x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    ref, got = _run(model, x), _run(eq, x)
-    assert n == 2 and not np.allclose(got, ref, rtol=1e-3)  # SiLU is not homogeneous: the function moved
-    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.5
+    assert [(a.name, b.name) for a, b in find_pairs(model)] == [("conv1", "conv2")]
 
 
 def test_shared_weights_and_branching_outputs_are_left_alone():
     model = _chain(["relu", "relu"])
     extra = helper.make_tensor_value_info("a0", onnx.TensorProto.FLOAT, None)
     model.graph.output.append(extra)  # conv0's activation is also a model output: scaling it would change it
-    pairs = find_pairs(model, "exact")
+    pairs = find_pairs(model)
     assert [(a.name, b.name) for a, b in pairs] == [("conv1", "conv2")]
 
 
