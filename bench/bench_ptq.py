@@ -11,7 +11,7 @@ difference to FP32 on the same runtime's samples (BCa bootstrap over images, as 
 FP32 on the runtime that scored it, from interleaved rounds in this run (median of per-round ratios, IQR).
 
 Calibration inputs are sensq's own preprocessed samples (ws.samples), handed to NNCF and ORT as the same arrays.
-Prints a table and writes bench/results/ptq.json (raw per-row values). Peers are bench extras: pip install nncf openvino.
+Prints a table and writes bench/results/ptq.json (ptq_<models>.json for a subset; raw per-row values). Peers are bench extras: pip install nncf openvino.
 """
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def main():
         print(f"| {r['model']} | {r['row']} | {r['metric']:.4f} | {r['diff_fp32']:+.4f} [{r['diff_lo']:+.4f}, "
               f"{r['diff_hi']:+.4f}] | {r['ratio']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {r['ms']:.1f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "ptq.json"
+    out = RESULTS / ("ptq.json" if args.models == list(MODELS) else f"ptq_{'_'.join(args.models)}.json")
     out.write_text(json.dumps({"versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
                                             "nncf": nncf.__version__}, "calib": args.calib, "rounds": args.rounds,
                                "rows": rows}, indent=1, default=float))
