@@ -17,7 +17,9 @@ RAW_PIXEL_MAX = 2.0
 
 def _notes(ws, plan: PrecisionPlan, n: int) -> list[str]:
     notes = [(f"{n} calibration sample(s); plan: method={plan.method}, percentile={plan.percentile}, "
-              f"per_channel={plan.per_channel}, target={plan.target}")]
+              f"per_channel={plan.per_channel}, target={plan.target}, placement={plan.placement or 'fused'}, "
+              f"depthwise inputs per channel={plan.depthwise_per_channel}, bias_correction={plan.bias_correction or 'none'}, "
+              f"weight_range={plan.weight_range or 'minmax'}, equalize={ws.cfg.equalize}")]
     notes += plan.notes
     if ws.cfg.data_free:
         notes.append("data-free mode: ranges come from synthetic inputs; flagged rows show where accuracy is lost")

@@ -17,7 +17,7 @@ from sensq.reports.layer_report import write_layer_report
 from sensq.runtime import make_session
 from sensq.statistics import augmented_model
 
-from test_search import PNG_SIGNATURE, make_tiny, restore_sensq_logger  # noqa: F401 (autouse)
+from test_search import PNG_SIGNATURE, make_tiny  # noqa: F401
 
 # In the QDQ model of conv1 -> relu -> conv2, Conv+Relu are fused, so the quantized activations are the input x,
 # the relu output r1 and the output y; consumers see them as these dequantized tensors (ORT's QDQ naming).

@@ -20,7 +20,6 @@ from sensq.quantize import prepare
 from sensq.search import run_search
 
 from search_helpers import load_study, make_tiny, study_records, tiny_settings
-from test_search import restore_sensq_logger  # noqa: F401 (autouse)
 from tiny_models import write_pngs
 
 

@@ -39,15 +39,6 @@ PINNED = {
 E2E = "yolo26n-e2e-arch-random.onnx"
 
 
-@pytest.fixture(autouse=True)
-def _restore_sensq_logger():
-    """main() configures the 'sensq' logger for a terminal; later tests capture its records again."""
-    logger = logging.getLogger("sensq")
-    state = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = state
-
-
 def _model(data_dir, name):
     path = data_dir / "models" / name
     if not path.is_file():

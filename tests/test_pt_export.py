@@ -21,7 +21,6 @@ from sensq.config import QuantizeConfig
 from sensq.errors import SensqError
 from sensq import pt_export
 
-from test_search import restore_sensq_logger  # noqa: F401 (autouse)
 
 ULTRALYTICS_PICKLE = (b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x14ultralytics.nn.tasks\x94"
                       b"\x8c\x0eDetectionModel\x94\x93\x94)\x81\x94.")

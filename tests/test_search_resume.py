@@ -19,7 +19,6 @@ from sensq.errors import SensqError
 from sensq.search import run_search
 
 from search_helpers import SEED_LABELS, load_study, make_tiny, searched, study_records, tiny_settings
-from test_search import restore_sensq_logger  # noqa: F401 (autouse)
 
 REPO = Path(__file__).resolve().parents[1]
 

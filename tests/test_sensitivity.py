@@ -16,7 +16,6 @@ from sensq.sensitivity import quantizable_groups, run_sensitivity, summary, writ
 from sensq.targets import get_target
 
 from search_helpers import PNG_SIGNATURE, make_tiny
-from test_search import restore_sensq_logger  # noqa: F401 (autouse)
 
 TOP_LINE = re.compile(r"^Top(\d+): float (\S+) → neg_mse (-?\d+\.\d{4}) \(([+-]\d+\.\d{4}) vs all-INT8\)$")
 

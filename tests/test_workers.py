@@ -25,7 +25,6 @@ from sensq.search import workers
 from sensq.search.coordination import Coordinator, open_storage
 
 from search_helpers import SEED_LABELS, make_tiny, searched, tiny_settings
-from test_search import restore_sensq_logger  # noqa: F401 (autouse)
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = 12
