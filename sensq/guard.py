@@ -16,8 +16,9 @@ class PlanGuard:
 
     The reference is the plan's own all-INT8 counterpart: the same method, weights, placement and corrections with
     only the base plan's float nodes. A plan with a worse calibration method (minmax per-tensor on YOLOX-Nano) is
-    legitimately worse than the default all-INT8 and is scored; only keeping more layers float than its counterpart
-    and ending far worse is a builder problem."""
+    legitimately worse than the default all-INT8; only keeping more layers float than its counterpart and ending far
+    worse is a builder problem. Knobs under which all-INT8 itself is far worse than the default's are screened out
+    (rejected, not scored): a search should not spend full evaluations on them, nor show them as measurements."""
 
     def __init__(self, ws, samples: int = GUARD_SAMPLES):
         from .evaluators.layer_error import RegionErrorProbe
@@ -39,12 +40,21 @@ class PlanGuard:
             self._reference[key] = self.probe(self.ws.build(ref))["Output SNR"]
         return self._reference[key]
 
+    @staticmethod
+    def limit(reference: float) -> float:
+        return max(GUARD_FACTOR * reference, reference + GUARD_FLOOR)
+
     def __call__(self, qmodel, plan: PrecisionPlan | None = None) -> str | None:
         plan = plan or self.ws.base_plan
+        base = self.reference(plan)
+        if base > self.limit(self.base):
+            return (f"knob screen: with method={plan.method}, per_channel={plan.per_channel}, overflow_fix="
+                    f"{plan.overflow_fix} all-INT8 itself has output NSR {base:.4f} on {len(self.probe.feeds)} "
+                    f"calibration samples against the default's {self.base:.4f} (limit {self.limit(self.base):.4f}): "
+                    f"not scored (on YOLOX-Nano minmax or per-tensor score mAP 0.002-0.008)")
         if plan is not self.ws.base_plan and plan.key() == self.counterpart(plan).key():
             return None  # all-INT8 under its own knobs: nothing it could be compared with
-        base = self.reference(plan)
-        limit = max(GUARD_FACTOR * base, base + GUARD_FLOOR)
+        limit = self.limit(base)
         nsr = self.probe(qmodel)["Output SNR"]
         if nsr <= limit:
             return None
