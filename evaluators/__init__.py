@@ -88,6 +88,8 @@ def make_evaluator(data, kind: str = "auto", model=None, labels=None, **options)
         if data is None:
             raise SensqError("no data given", "pass the dataset folder (--data)")
         kind = detect_kind(data)
+        if kind == "agreement" and labels is not None:  # a folder of images with a label file elsewhere
+            kind = "imagenet"
     if kind == "agreement":
         from sensq.evaluators.agreement import make_agreement_evaluator
 

@@ -126,3 +126,21 @@ def test_classification_agreement_kl_and_snr(tmp_path):
     snr = 10 * np.log10((la ** 2).sum(1) / ((la - lb) ** 2).sum(1))
     assert res.metrics[SNR] == pytest.approx(snr.mean(), rel=1e-5)
     assert ev.goals["kl"] == "minimize" and ev.goals[AGREEMENT] == "maximize"
+
+
+def test_setup_choice_is_logged_and_task_forces_it(val_links, yolov5n, imagenet_dir, caplog):
+    import logging
+
+    from sensq.defaults import evaluator_for
+
+    with caplog.at_level(logging.INFO, logger="sensq"):
+        ev = evaluator_for(str(val_links), model=str(yolov5n))
+    said = [r.getMessage() for r in caplog.records if "holds images and no annotations" in r.getMessage()]
+    assert isinstance(ev, DetectionAgreementEvaluator) and len(said) == 1 and AGREEMENT in said[0]
+    # a labeled classification folder: auto scores top-1 against labels, --task agreement forces label-free
+    model = imagenet_dir / "efficientnet_lite0.onnx"
+    assert evaluator_for(str(imagenet_dir / "images"), model=str(model), labels=str(imagenet_dir / "images_labels.tsv")).primary == "top1"
+    calib = sorted((imagenet_dir / "images").iterdir())[:5]
+    ev = evaluator_for(str(imagenet_dir / "images"), task="agreement", model=str(model), calib_files=calib)
+    assert isinstance(ev, OutputAgreementEvaluator) and ev.classifier and ev.primary == AGREEMENT
+    assert len(ev) == len(list((imagenet_dir / "images").glob("*.JPEG"))) - 5
