@@ -312,6 +312,9 @@ def _agreement(data, task, model, reference, preprocess, calib_files, cache_dir)
                                   preprocess=preprocess, exclude=calib_files, pixel_cache=pixel_cache)
     why = f"--data {data} holds images and no annotations" if task == "auto" else "--task agreement"
     log.info("%s: scoring %s", why, describe(ev))
+    if reference is None:  # sensq eval: no separate FP32 model, so the model is compared with itself
+        log.warning("agreement compares with --model itself here (1.0 by construction); search and sensitivity "
+                    "compare every plan with the FP32 model")
     return ev
 
 
