@@ -144,3 +144,17 @@ def test_setup_choice_is_logged_and_task_forces_it(val_links, yolov5n, imagenet_
     ev = evaluator_for(str(imagenet_dir / "images"), task="agreement", model=str(model), calib_files=calib)
     assert isinstance(ev, OutputAgreementEvaluator) and ev.classifier and ev.primary == AGREEMENT
     assert len(ev) == len(list((imagenet_dir / "images").glob("*.JPEG"))) - 5
+
+
+def test_stored_results_reload_with_the_pseudo_ground_truth(val_links, yolov5n, tmp_path):
+    """A resumed search reads per-sample results from disk before scoring anything: the reference is rebuilt."""
+    from sensq.evaluators.scoring import SampleStore
+
+    shifted = _shifted(yolov5n, 3.0, tmp_path / "s.onnx")
+    ev = DetectionAgreementEvaluator(image_files(val_links), str(yolov5n))
+    store = SampleStore(tmp_path / "store", ev)  # keyed before scoring, as in a search
+    res = ev.evaluate(str(shifted), progress=False)
+    store.put("k", res.samples)
+    fresh = DetectionAgreementEvaluator(image_files(val_links), str(yolov5n))
+    back = SampleStore(tmp_path / "store", fresh, memory=0).get("k")
+    assert back.primary == AGREEMENT and back.value(np.arange(N_IMAGES)) == res.samples.value(np.arange(N_IMAGES))
