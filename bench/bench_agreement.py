@@ -36,7 +36,7 @@ def _interval(boot, a, b) -> dict:
 
 
 def main() -> int:
-    from sensq.defaults import evaluator_for, setup
+    from sensq.defaults import setup
     from sensq.evaluators.agreement import make_agreement_evaluator
     from sensq.evaluators.samples import PairedBootstrap
     from sensq.search.splits import make_split
