@@ -14,14 +14,17 @@ from sensq.evaluators.coco import DetectionEvaluator, make_coco_evaluator, make_
 from sensq.evaluators.imagenet import ClassificationEvaluator, find_label_file, make_imagenet_evaluator
 from sensq.evaluators.plugins import installed_plugins, make_plugin_evaluator
 
-BUILTIN_KINDS = ("coco", "yolo", "imagenet")
+BUILTIN_KINDS = ("coco", "yolo", "imagenet", "agreement")
 
 __all__ = ["EvalResult", "Evaluator", "Stopwatch", "topk_correct", "make_evaluator", "detect_kind", "model_info",
            "BUILTIN_KINDS", "DetectionEvaluator", "ClassificationEvaluator", "installed_plugins"]
 
 
 def detect_kind(data: str | Path) -> str:
-    """coco (COCO annotations json), yolo (a data.yaml), or imagenet (a label file or class sub-folders)."""
+    """coco (COCO annotations json), yolo (a data.yaml), imagenet (a label file or class sub-folders), or agreement
+    (images and no annotations: scored against the FP32 model's own outputs, evaluators/agreement.py)."""
+    from sensq.evaluators.agreement import has_images
+
     p = Path(data)
     if p.is_file() and p.suffix in (".yaml", ".yml"):
         return "yolo"
@@ -37,6 +40,8 @@ def detect_kind(data: str | Path) -> str:
         return "imagenet"  # ImageFolder tree; load_imagenet reports it if the sub-folders hold no images
     if any(p.glob("*.json")):
         return "coco"
+    if has_images(p):
+        return "agreement"
     raise SensqError(f"cannot tell the dataset type of {data}",
                      "use a COCO folder (annotations/*.json), a YOLO data.yaml, a labels file or class sub-folders, or pass kind=")
 
@@ -67,7 +72,7 @@ def model_info(model) -> tuple[tuple[int, int] | None, dict[str, str]]:
 def make_evaluator(data, kind: str = "auto", model=None, labels=None, **options) -> Evaluator:
     """An Evaluator for `data`.
 
-    kind: coco | yolo | imagenet | auto | path/to/file.py:function | module:function | entry-point name.
+    kind: coco | yolo | imagenet | agreement | auto | path/to/file.py:function | module:function | entry-point name.
     model: optional ONNX path/ModelProto; its static input size sets the letterbox/crop size (unless imgsz= or
            input_size= is given) and, for classification, its metadata may give mean/std.
     labels: label file for imagenet (default: found in the data folder).
@@ -83,6 +88,15 @@ def make_evaluator(data, kind: str = "auto", model=None, labels=None, **options)
         if data is None:
             raise SensqError("no data given", "pass the dataset folder (--data)")
         kind = detect_kind(data)
+        if kind == "agreement" and labels is not None:  # a folder of images with a label file elsewhere
+            kind = "imagenet"
+    if kind == "agreement":
+        from sensq.evaluators.agreement import make_agreement_evaluator
+
+        if "preprocess" not in options and options.get("detector_preprocess") is not None:
+            options["preprocess"] = options.pop("detector_preprocess")
+        options.pop("detector_preprocess", None)
+        return make_agreement_evaluator(data, model=model, **options)
     hw, _ = model_info(model) if model is not None else (None, {})
     detector_preprocess = options.pop("detector_preprocess", None)
     if kind in ("coco", "yolo"):

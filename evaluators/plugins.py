@@ -17,6 +17,16 @@ The function takes one of two forms, told apart by the name of its first paramet
    option are passed only if the function declares them (or **kwargs). It returns metric values; the primary metric
    is `options["primary"]` or else the first key. An optional "n_samples" entry is reported as the sample count.
    Time spent in session.run is measured and reported as inference_seconds.
+
+   Per-sample values: return one number per sample instead -- a 1-D array (or list), whose mean is the metric
+   (named `options["primary"]`, default "metric"), or a dict with a "per_sample" entry: an array, or a dict of
+   metric name -> array (all of one length, sample i of the data at position i), next to optional plain values.
+   The metric is then the mean of the per-sample values, and the plugin gets what the built-in evaluators have:
+   bootstrap intervals, paired differences to FP32, pruning on a low-fidelity subset and the held-out confirm
+   split. The function still scores every sample on each call (sensq keeps the values and picks subsets); it
+   receives limit=None. The search learns the form from one run on the FP32 model (`probe`), reused for its score.
+       def score(session, data=None):
+           return {"per_sample": np.array([my_score(session, x) for x in load(data)])}
 """
 from __future__ import annotations
 
@@ -27,6 +37,8 @@ import inspect
 import math
 import sys
 import time
+
+import numpy as np
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,19 +147,46 @@ class MetricFunctionEvaluator:
         self.primary = primary
         self._n = 0
         self._wants_session = list(inspect.signature(fn).parameters)[0] == "session"
+        self.per_sample = False  # True once a call returned per-sample values (see probe)
+        self._last: tuple | None = None  # (model key, raw output) of the last call: probe's run is not repeated
 
     def __len__(self) -> int:
         return self._n
 
-    def evaluate(self, model, limit: int | None = None, progress: bool = True) -> EvalResult:
-        t0 = time.perf_counter()
-        watch = Stopwatch()
+    def probe(self, model) -> bool:
+        """Score `model` (the FP32 reference) once and learn whether the plugin returns per-sample values."""
+        self.evaluate(model, progress=False)
+        return self.per_sample
+
+    def _call(self, model, limit, progress, watch):
+        from .scoring import model_hash
+
+        try:
+            key = model_hash(model)
+        except (TypeError, OSError):
+            key = None
+        if key is not None and self._last is not None and self._last[0] == key and limit is None:
+            return self._last[1]
         arg = _TimedSession(make_session(model), watch) if self._wants_session else model
         kwargs = _accepted_kwargs(self.fn, {"data": self.data, "limit": limit, "progress": progress, **self.options})
         out = self.fn(arg, **kwargs)
+        if limit is None:
+            self._last = (key, out)
+        return out
+
+    def evaluate(self, model, limit: int | None = None, progress: bool = True, indices=None) -> EvalResult:
+        t0 = time.perf_counter()
+        watch = Stopwatch()
+        out = self._call(model, None if indices is not None or self.per_sample else limit, progress, watch)
+        per = _per_sample(out, self.name)
+        if per is not None:
+            return self._per_sample_result(per, out, limit, indices, time.perf_counter() - t0, watch.total)
+        if indices is not None:
+            raise SensqError(f"plugin {self.name} returned one value per model, not per-sample values",
+                             "return an array or {'per_sample': array} to score subsets (see sensq.evaluators.plugins)")
         if not isinstance(out, dict) or not out:
             raise SensqError(f"plugin {self.name} returned {type(out).__name__}, not a dict of metrics",
-                             "return e.g. {'accuracy': 0.91} from the metric function")
+                             "return e.g. {'accuracy': 0.91}, or per-sample values (an array or {'per_sample': array})")
         out = dict(out)
         n = out.pop("n_samples", None)
         try:
@@ -165,6 +204,50 @@ class MetricFunctionEvaluator:
         self._n = int(n) if n is not None else (limit or self._n)
         return EvalResult(metrics=metrics, primary=primary, n_samples=self._n, seconds=time.perf_counter() - t0,
                           inference_seconds=watch.total)
+
+
+    def _per_sample_result(self, per: dict, out, limit, indices, seconds: float, inference: float) -> EvalResult:
+        from .base import resolve_indices
+        from .samples import MeanSamples
+
+        n = len(next(iter(per.values())))
+        self.per_sample, self._n = True, n
+        if "" in per:  # one unnamed array: the primary metric
+            per = {self.primary or "metric": per[""]}
+        primary = self.primary or next(iter(per))
+        if primary not in per:
+            raise SensqError(f"plugin {self.name} returned no per-sample '{primary}'",
+                             f"return it or choose primary among {', '.join(per)}")
+        self.primary = primary
+        idx = np.asarray(resolve_indices(n, limit, indices), np.int64)
+        scores = {k: v[idx] for k, v in per.items()}
+        metrics = {k: float(v.mean()) for k, v in scores.items()}
+        plain = {k: v for k, v in out.items() if k != "per_sample"} if isinstance(out, dict) else {}
+        return EvalResult(metrics=metrics, primary=primary, n_samples=len(idx), seconds=seconds,
+                          inference_seconds=inference, samples=MeanSamples(idx, scores, primary),
+                          extra={"plugin_values": plain} if plain else {})
+
+
+def _per_sample(out, name: str) -> dict[str, np.ndarray] | None:
+    """name -> per-sample values from an array or {'per_sample': array | dict}; None for plain metrics."""
+    if isinstance(out, dict):
+        if "per_sample" not in out:
+            return None
+        out = out["per_sample"]
+    elif not isinstance(out, (list, tuple, np.ndarray)):
+        return None
+    raw = out if isinstance(out, dict) else {"": out}
+    try:
+        per = {k: np.asarray(v, np.float64).reshape(-1) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise SensqError(f"plugin {name} returned non-numeric per-sample values", "return an array of numbers") from None
+    lengths = {len(v) for v in per.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise SensqError(f"plugin {name} returned per-sample arrays of lengths {sorted(lengths)}",
+                         "return one value per sample, every array of the same length")
+    if not all(np.isfinite(v).all() for v in per.values()):
+        raise SensqError(f"plugin {name} returned non-finite per-sample values", "return finite numbers")
+    return per
 
 
 def make_plugin_evaluator(spec: str, data=None, **options) -> Evaluator:

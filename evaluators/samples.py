@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+AGREEMENT = "agreement with FP32 (label-free)"  # the primary of the label-free evaluators (evaluators/agreement.py)
+COCO_ALIASES = {AGREEMENT: "mAP50-95", "agreement50": "mAP50"}  # agreement is COCO mAP against FP32's boxes
+
 
 class SampleResults:
     kind: str = ""
@@ -148,7 +151,8 @@ class DetectionSamples(SampleResults):
         col = np.zeros((w.shape[0], len(uniq)))
         np.add.at(col.T, np.searchsorted(uniq, idx), w.T)
         by_id = np.argsort(self.image_ids[uniq], kind="stable")
-        return weighted_map(mt, col[:, by_id])[name or self.primary]
+        name = name or self.primary
+        return weighted_map(mt, col[:, by_id])[COCO_ALIASES.get(name, name)]
 
     def merge(self, other: "DetectionSamples") -> "DetectionSamples":
         rows = dict(self.rows)
@@ -168,7 +172,8 @@ def samples_from_arrays(arrays, evaluator) -> SampleResults:
     if kind == "coco":
         idx, counts = arrays["idx"], arrays["counts"]
         parts = np.split(arrays["rows"], np.cumsum(counts)[:-1]) if len(counts) else []
-        return DetectionSamples(evaluator.data.gt, np.asarray(evaluator.data.image_ids, np.int64),
+        gt = evaluator.ground_truth() if hasattr(evaluator, "ground_truth") else evaluator.data.gt
+        return DetectionSamples(gt, np.asarray(evaluator.data.image_ids, np.int64),
                                 {int(i): p for i, p in zip(idx, parts)}, str(arrays["primary"]))
     if kind == "mean":
         scores = {k[len("score:"):]: arrays[k] for k in arrays if k.startswith("score:")}

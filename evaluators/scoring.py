@@ -64,6 +64,10 @@ def model_hash(model) -> str:
 
 
 def supports_indices(evaluator) -> bool:
+    """Scores subsets (per-sample results): an `indices` parameter, unless the evaluator says otherwise (plugins
+    set `per_sample` once they know)."""
+    if hasattr(evaluator, "per_sample"):
+        return bool(evaluator.per_sample)
     try:
         return "indices" in inspect.signature(evaluator.evaluate).parameters
     except (TypeError, ValueError):

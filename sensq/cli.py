@@ -71,7 +71,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="evaluation data: a COCO folder (annotations/ + val2017/), a YOLO data.yaml folder, "
                                   "or an image folder for classification")
     g.add_argument("--labels", help="classification label file (file -> class index or synset); relative to --data")
-    g.add_argument("--task", default="auto", help="evaluator: auto, coco, yolo, imagenet, path/to/file.py:function, or an entry-point name")
+    g.add_argument("--task", default="auto", help="evaluator: auto, coco, yolo, imagenet, agreement (label-free: against the FP32 model's outputs; "
+                   "auto picks it for a folder of images without annotations), path/to/file.py:function, or an entry-point name")
     g.add_argument("--skip", type=int, help="classification: skip the first N files by name (default: the calibration images)")
     g.add_argument("--limit", type=int, help="evaluate only the first N samples of the evaluation set")
     g.add_argument("--allow-calib-on-eval", action="store_true",

@@ -257,11 +257,14 @@ def _three(values, default: float) -> tuple[float, float, float]:
 
 
 def evaluator_for(data, task: str = "auto", model=None, labels=None, skip=None, mean=None, std=None, exclude=None,
-                  cache_dir=None, preset=None, color=None, detector_preprocess=None, **_ignored):
+                  cache_dir=None, preset=None, color=None, detector_preprocess=None, reference=None,
+                  image_preprocess=None, calib_files=None, **_ignored):
     """The evaluator for `data` with the options the model's preprocessing implies.
 
     detector_preprocess: what calibration used (setup passes it, so both see the same pixels); else --preset /
-    --color / --mean / --std when given, else the model's export decides (evaluators/coco/layouts.py)."""
+    --color / --mean / --std when given, else the model's export decides (evaluators/coco/layouts.py).
+    A folder of images without annotations (or task="agreement") gives the label-free evaluator, which compares
+    every model with `reference` (the FP32 model; default `model`) on those images minus `calib_files`."""
     from .config import InputParams
     from .evaluators import make_evaluator
 
@@ -272,6 +275,8 @@ def evaluator_for(data, task: str = "auto", model=None, labels=None, skip=None, 
 
     if not data:
         raise SensqError("no evaluation data given", "pass --data <COCO folder | data.yaml folder | image folder>")
+    if _kind(data, task, labels) == "agreement":
+        return _agreement(data, task, model, reference, image_preprocess or detector_preprocess, calib_files, cache_dir)
     options = {}
     if skip is not None:
         options["skip"] = skip
@@ -287,6 +292,31 @@ def evaluator_for(data, task: str = "auto", model=None, labels=None, skip=None, 
         if std:
             options["std"] = std
     return make_evaluator(data, kind=task, model=str(model) if model else None, labels=labels, **options)
+
+
+def _kind(data, task: str, labels=None) -> str:
+    if task != "auto" or labels:  # a label file given: the images are labeled
+        return task
+    from .evaluators import detect_kind
+
+    try:
+        return detect_kind(data)
+    except SensqError:
+        return task  # make_evaluator reports it
+
+
+def _agreement(data, task, model, reference, preprocess, calib_files, cache_dir):
+    from .evaluators.agreement import describe, make_agreement_evaluator
+
+    pixel_cache = str(Path(cache_dir) / "pixels") if cache_dir else None
+    ev = make_agreement_evaluator(data, model=str(model) if model else None, reference=reference,
+                                  preprocess=preprocess, exclude=calib_files, pixel_cache=pixel_cache)
+    why = f"--data {data} holds images and no annotations" if task == "auto" else "--task agreement"
+    log.info("%s: scoring %s", why, describe(ev))
+    if reference is None:  # sensq eval: no separate FP32 model, so the model is compared with itself
+        log.warning("agreement compares with --model itself here (1.0 by construction); search and sensitivity "
+                    "compare every plan with the FP32 model")
+    return ev
 
 
 def setup(progress: bool = True, **options):
@@ -308,5 +338,10 @@ def setup(progress: bool = True, **options):
         opts["mean"], opts["std"] = cfg.inputs[0].mean_value, cfg.inputs[0].std_value
     if cfg.inputs and is_detector(cfg.model_path):
         opts["detector_preprocess"] = _detector_preprocess_of(cfg.inputs[0])
+    # label-free scoring compares with the FP32 model the search scores, on the calibration's pixels
+    sources = getattr(ws.data, "sources", None) or []
+    opts["reference"] = ws.model
+    opts["image_preprocess"] = sources[0].image if sources and not opts.get("detector_preprocess") else None
+    opts["calib_files"] = list(sources[0].files[:len(ws.data)]) if sources else None
     rest = {k: v for k, v in opts.items() if k not in ("task", "model")}
     return cfg, ws, evaluator_for(task=opts.get("task") or "auto", model=cfg.model_path, **rest)

@@ -43,7 +43,7 @@ PLUGIN_SOURCE = textwrap.dedent('''
         return {"is_proto": float(not isinstance(model, str))}
 
     def bad_metric(session):
-        return [1, 2]
+        return "high"  # neither metrics nor per-sample values (a list is per-sample values)
 
     class ConstantEvaluator:
         name = "constant"

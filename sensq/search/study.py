@@ -128,6 +128,8 @@ class SearchRun:
     def reference(self) -> None:
         """Split the evaluation set; score FP32 and all-INT8 on the search part; FP32 latency in this run."""
         s, ev = self.settings, self.evaluator
+        if callable(getattr(ev, "probe", None)):  # plugins: one FP32 run tells whether they give per-sample values
+            ev.probe(self.ws.model)
         n = min(s.limit or len(ev), len(ev))
         # may be shared with other workers; few results in memory: one COCO model's is ~70 MB at 5,000 images
         self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY)
