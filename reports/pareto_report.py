@@ -107,10 +107,18 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
 
 
 def rejected_line(rejected: dict) -> str:
-    """Plans the latency runtime could not compile or run: scored, counted, never on the front."""
-    first = next(iter(rejected.values()))
-    return (f"the latency runtime rejected {len(rejected)} plan(s) (no latency, not on the front): trials "
-            f"{', '.join(map(str, rejected))}; first reason: {first}")
+    """Plans never on the front: stopped by the collapse guard / knob screen before scoring (sensq/guard.py), or
+    scored but not compiled or run by the latency runtime."""
+    guarded = {n: r for n, r in rejected.items() if r.startswith(("collapse guard", "knob screen"))}
+    runtime = {n: r for n, r in rejected.items() if n not in guarded}
+    parts = []
+    if guarded:
+        parts.append(f"the plan guard rejected {len(guarded)} plan(s) before scoring (counted, not scored): trials "
+                     f"{', '.join(map(str, guarded))}; first reason: {next(iter(guarded.values()))}")
+    if runtime:
+        parts.append(f"the latency runtime rejected {len(runtime)} plan(s) (no latency, not on the front): trials "
+                     f"{', '.join(map(str, runtime))}; first reason: {next(iter(runtime.values()))}")
+    return "; ".join(parts)
 
 
 def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> str:
