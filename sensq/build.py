@@ -36,6 +36,9 @@ from .targets import get_target
 log = logging.getLogger("sensq")
 
 
+_QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "uint16": QuantType.QUInt16, "int16": QuantType.QInt16}
+
+
 def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape-inferred copy at opset >= 13 (per-channel QDQ needs it), done once per builder."""
     m = onnx.ModelProto()
@@ -195,6 +198,25 @@ class QDQBuilder:
         self.first_layer_weights = first_layer_weights(self.model)
         self.io_tensors = graph_inputs | {o.name for o in self.model.graph.output}
         self.depthwise = depthwise_inputs(self.model)
+        self._opset21: onnx.ModelProto | None = None
+
+    def _model_at_opset21(self) -> onnx.ModelProto:
+        """The prepared model converted to opset 21 (once), where QuantizeLinear/DequantizeLinear take 16-bit types."""
+        if self._opset21 is None:
+            opset = next(o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx"))
+            m = self.model
+            if opset < 21:
+                from onnx import version_converter
+
+                try:
+                    m = onnx.shape_inference.infer_shapes(version_converter.convert_version(self.model, 21))
+                except Exception as e:  # the converter raises bare RuntimeErrors/ValueErrors per op it cannot adapt
+                    raise SensqError(f"16-bit activations need ONNX opset 21 and converting this opset-{opset} model failed: {e}",
+                                     "export the model at opset 21, or use 8-bit activations") from e
+            self._opset21 = m
+        out = onnx.ModelProto()
+        out.CopyFrom(self._opset21)
+        return out
 
     # ranges ------------------------------------------------------------------------------------------------------
     def tensor_range(self, name: str, method: str, percentile: float, grid: Grid) -> tuple[float, float]:
@@ -253,12 +275,16 @@ class QDQBuilder:
         })
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
-        act = QuantType.QUInt8 if target.activation_type == "uint8" else QuantType.QInt8
+        act = _QUANT_TYPES[target.activation_type]
+        wide = act in (QuantType.QInt16, QuantType.QUInt16)
+        if wide:  # 16-bit QuantizeLinear/DequantizeLinear are standard ONNX from opset 21 on
+            model = self._model_at_opset21()
         extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
                  "QuantizeBias": target.quantize_bias}
         if target.no_output_quantization:  # TensorRT / NNCF place Q/DQ on inputs only
             extra["OpTypesToExcludeOutputQuantization"] = list(target.no_output_quantization)
-        fix = plan.overflow_fix or target.overflow_fix
+        # no 8-bit kernel reads 16-bit activations, so nothing saturates: no 7-bit weights unless the plan asks
+        fix = plan.overflow_fix or ("none" if wide else target.overflow_fix)
         if fix == "first_layer":
             # An override without "axis" makes onnxruntime quantize the weight per tensor: give the axis only when
             # the plan asks for per-channel weights, and then the one onnxruntime itself uses for that op.
