@@ -29,14 +29,12 @@ from .errors import SensqError
 from .passes.bias_correction import correct_biases
 from .passes.depthwise_inputs import quantize_depthwise_inputs_per_channel
 from .plan import PrecisionPlan
+from .precision import QUANT_TYPES, a16_overrides, wide_tensors, wide_type
 from .ranges import Grid, compute_range, normalize_percentile
 from .statistics import CalibrationStats, depthwise_inputs
 from .targets import get_target
 
 log = logging.getLogger("sensq")
-
-
-_QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "uint16": QuantType.QUInt16, "int16": QuantType.QInt16}
 
 
 def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -226,14 +224,17 @@ class QDQBuilder:
             self._ranges[key] = compute_range(self.stats.tensors[name], method, grid, pct or 99.99, is_io=name in self.io_tensors)
         return self._ranges[key]
 
-    def ranges(self, plan: PrecisionPlan) -> dict[str, tuple[float, float]]:
+    def ranges(self, plan: PrecisionPlan, wide: set[str] = frozenset()) -> dict[str, tuple[float, float]]:
+        """Range per tensor on the target's grid; the tensors in `wide` (16-bit in a mixed plan) on its 16-bit one."""
         target = get_target(plan.target, plan.activation_type)
         grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
+        grid16 = Grid.for_activation(wide_type(target.activation_type), target.activation_symmetric)
         before = len(self._ranges)
         out = {}
         for name in self.stats.tensors:
             o = plan.tensor_overrides.get(name, {})
-            out[name] = self.tensor_range(name, o.get("method", plan.method), o.get("percentile", plan.percentile), grid)
+            out[name] = self.tensor_range(name, o.get("method", plan.method), o.get("percentile", plan.percentile),
+                                          grid16 if name in wide else grid)
         if len(self._ranges) > before:
             self._save_ranges()
         return out
@@ -270,15 +271,20 @@ class QDQBuilder:
         unknown = [n for n in plan.float_nodes if n not in set(self.node_names)]
         if unknown:
             raise SensqError(f"float node {unknown[0]!r} not in graph", "check node names (Netron shows them) or regenerate the plan for this model")
-        tensors_range = TensorsData(CalibrationMethod.MinMax, {
-            name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in self.ranges(plan).items()
-        })
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        act = _QUANT_TYPES[target.activation_type]
+        act = QUANT_TYPES[target.activation_type]
         wide = act in (QuantType.QInt16, QuantType.QUInt16)
-        if wide:  # 16-bit QuantizeLinear/DequantizeLinear are standard ONNX from opset 21 on
+        mixed = bool(plan.a16_nodes) and not wide
+        if wide or mixed:  # 16-bit QuantizeLinear/DequantizeLinear are standard ONNX from opset 21 on
             model = self._model_at_opset21()
+        else:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+        a16 = a16_overrides(model, plan.a16_nodes, set(self.stats.tensors), target.activation_type,
+                            target.activation_symmetric) if mixed else {}
+        tensors_range = TensorsData(CalibrationMethod.MinMax, {
+            name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+            for name, (lo, hi) in self.ranges(plan, wide_tensors(a16)).items()
+        })
         extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
                  "QuantizeBias": target.quantize_bias}
         if target.no_output_quantization:  # TensorRT / NNCF place Q/DQ on inputs only
@@ -290,6 +296,8 @@ class QDQBuilder:
             # the plan asks for per-channel weights, and then the one onnxruntime itself uses for that op.
             extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, **({"axis": axis} if plan.per_channel else {})}]
                                              for w, axis in self.first_layer_weights.items()}
+        if a16:
+            extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **a16}  # weights vs activations: disjoint
         previous = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # ORT logs an info line per skipped tensor
         try:
@@ -303,7 +311,8 @@ class QDQBuilder:
         per_channel_dw = target.depthwise_per_channel if plan.depthwise_per_channel is None else plan.depthwise_per_channel
         if per_channel_dw and self.stats.channels:
             grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
-            quantize_depthwise_inputs_per_channel(out, self.stats.channels, self.depthwise, grid)
+            channels = {t: c for t, c in self.stats.channels.items() if t not in a16}  # 16-bit inputs keep theirs
+            quantize_depthwise_inputs_per_channel(out, channels, self.depthwise, grid)
         if plan.bias_correction == "fast":
             if not self.stats.means:
                 raise SensqError("fast bias correction needs conv-input means, which these statistics lack",
