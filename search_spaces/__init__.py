@@ -6,6 +6,8 @@ A space turns an Optuna trial plus the sensitivity ranking into a concrete Preci
   categorical     Optuna categorical over `choices` (plan field of the same name: method, per_channel, ...)
   percentile      float in [low, high] sampled log-uniformly on the tail 100 - p (only when `when` holds)
   group_method    per-group range-method override for the top_k most sensitive INT8 groups
+  group_precision one categorical per group among the top_k most sensitive over `choices` (int8 / a16 / fp32,
+                  sensq/precision.py): the toggle generalised; choices the target cannot run are dropped (restrict)
 Add a space by writing a YAML file (see default.yaml) and passing its path, or its name if it lives here.
 """
 from __future__ import annotations
@@ -29,7 +31,20 @@ class SearchSpace:
 
     @property
     def top_k(self) -> int:
-        return int(self.params.get("float_groups", {}).get("top_k", 0))
+        spec = self._group_knob()
+        return int(spec.get("top_k", 0)) if spec else 0
+
+    def _group_knob(self) -> dict | None:
+        return next((s for s in self.params.values() if s.get("type") in ("group_toggles", "group_precision")), None)
+
+    def restrict(self, precisions: tuple[str, ...]) -> list[str]:
+        """Drop group precisions the target does not run; returns the dropped ones."""
+        dropped = []
+        for spec in self.params.values():
+            if spec.get("type") == "group_precision":
+                dropped += [c for c in spec["choices"] if c not in precisions]
+                spec["choices"] = [c for c in spec["choices"] if c in precisions]
+        return dropped
 
     def suggest(self, trial, ranked_groups: list[str]) -> dict:
         """Sample one configuration: {"float_groups": [...], "method": ..., "percentile": ..., ...}."""
@@ -40,6 +55,11 @@ class SearchSpace:
                 for g in ranked_groups[: int(spec.get("top_k", 12))]:
                     if trial.suggest_categorical(f"float:{g}", [False, True]):
                         out["float_groups"].append(g)
+            elif kind == "group_precision":
+                for g in ranked_groups[: int(spec.get("top_k", 12))]:
+                    p = trial.suggest_categorical(f"precision:{g}", list(spec["choices"]))
+                    out.setdefault("a16_groups", []).extend([g] if p == "a16" else [])
+                    out["float_groups"].extend([g] if p == "fp32" else [])
             elif kind == "categorical":
                 out[key] = trial.suggest_categorical(key, list(spec["choices"]))
         for key, spec in self.params.items():
@@ -72,6 +92,8 @@ class SearchSpace:
             kind = spec.get("type")
             if kind == "group_toggles":
                 params.update({f"float:{g}": g in wanted for g in toggled})
+            elif kind == "group_precision":
+                params.update({f"precision:{g}": "fp32" if g in wanted else "int8" for g in toggled})
             elif kind == "categorical":
                 choices = list(spec["choices"])
                 if defaults.get(key) not in choices:
@@ -85,12 +107,13 @@ class SearchSpace:
 
     def toggled(self, ranked_groups: list[str]) -> list[str]:
         """The groups this space toggles: the top_k of the ranking."""
-        spec = next((s for s in self.params.values() if s.get("type") == "group_toggles"), None)
+        spec = self._group_knob()
         return list(ranked_groups[: int(spec.get("top_k", 12))]) if spec else []
 
     def plan(self, ws, groups: dict[str, list[str]], choice: dict):
         """Sampled knobs -> precision plan (float groups added to the base plan's float regions)."""
         float_nodes = [n for g in choice["float_groups"] for n in groups[g]]
+        a16_nodes = [n for g in choice.get("a16_groups", []) for n in groups[g]]
         overrides = dict(ws.base_plan.tensor_overrides)
         for g, method in choice.get("group_methods", {}).items():
             for n in groups[g]:
@@ -99,16 +122,18 @@ class SearchSpace:
         changes = {k: choice[k] for k in PLAN_FIELDS if k in choice}
         if "percentile" in choice:
             changes["percentile"] = choice["percentile"]
-        plan = ws.base_plan.with_float(float_nodes, tensor_overrides=overrides, **changes)
+        plan = ws.base_plan.with_float(float_nodes, a16_nodes, tensor_overrides=overrides, **changes)
         plan.notes = list(ws.base_plan.notes) + ([f"float groups: {', '.join(choice['float_groups'])}"]
                                                  if choice["float_groups"] else [])
+        if choice.get("a16_groups"):
+            plan.notes.append(f"16-bit activation groups: {', '.join(choice['a16_groups'])}")
         return plan
 
 
 def validate(space: dict, source: str) -> SearchSpace:
     if not isinstance(space, dict) or not isinstance(space.get("params"), dict):
         raise SensqError(f"search space {source} has no 'params' mapping", "see search_spaces/default.yaml for the layout")
-    known = {"group_toggles", "categorical", "percentile", "group_method"}
+    known = {"group_toggles", "categorical", "percentile", "group_method", "group_precision"}
     for key, spec in space["params"].items():
         if not isinstance(spec, dict) or spec.get("type") not in known:
             raise SensqError(f"search space {source}: knob {key!r} has unknown type {spec.get('type') if isinstance(spec, dict) else spec!r}",
@@ -117,6 +142,15 @@ def validate(space: dict, source: str) -> SearchSpace:
             raise SensqError(f"search space {source}: categorical knob {key!r} is not a plan field", f"use one of: {', '.join(sorted(PLAN_FIELDS))}")
         if spec["type"] == "categorical" and not spec.get("choices"):
             raise SensqError(f"search space {source}: knob {key!r} has no choices", "give a non-empty 'choices' list")
+    from sensq.precision import PRECISIONS
+
+    for key, spec in space["params"].items():
+        bad = [c for c in spec.get("choices") or [] if c not in PRECISIONS] if spec["type"] == "group_precision" else []
+        if spec["type"] == "group_precision" and (bad or "int8" not in (spec.get("choices") or [])):
+            raise SensqError(f"search space {source}: group precisions {bad or spec.get('choices')} of {key!r} are not valid",
+                             f"choose among {', '.join(PRECISIONS)}, int8 included (the all-INT8 seed)")
+    if sum(s["type"] in ("group_toggles", "group_precision") for s in space["params"].values()) > 1:
+        raise SensqError(f"search space {source} has more than one group knob", "keep either group_toggles or group_precision")
     if "method" in space["params"]:
         from sensq.ranges import check_method
 

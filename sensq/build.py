@@ -30,6 +30,7 @@ from .passes.bias_correction import correct_biases
 from .passes.weight_clipping import clip_weights_mse
 from .passes.depthwise_inputs import quantize_depthwise_inputs_per_channel
 from .plan import PrecisionPlan
+from .precision import QUANT_TYPES, a16_overrides, wide_tensors, wide_type
 from .ranges import Grid, compute_range, normalize_percentile
 from .statistics import CalibrationStats, depthwise_inputs
 from .targets import get_target
@@ -196,6 +197,25 @@ class QDQBuilder:
         self.first_layer_weights = first_layer_weights(self.model)
         self.io_tensors = graph_inputs | {o.name for o in self.model.graph.output}
         self.depthwise = depthwise_inputs(self.model)
+        self._opset21: onnx.ModelProto | None = None
+
+    def _model_at_opset21(self) -> onnx.ModelProto:
+        """The prepared model converted to opset 21 (once), where QuantizeLinear/DequantizeLinear take 16-bit types."""
+        if self._opset21 is None:
+            opset = next(o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx"))
+            m = self.model
+            if opset < 21:
+                from onnx import version_converter
+
+                try:
+                    m = onnx.shape_inference.infer_shapes(version_converter.convert_version(self.model, 21))
+                except Exception as e:  # the converter raises bare RuntimeErrors/ValueErrors per op it cannot adapt
+                    raise SensqError(f"16-bit activations need ONNX opset 21 and converting this opset-{opset} model failed: {e}",
+                                     "export the model at opset 21, or use 8-bit activations") from e
+            self._opset21 = m
+        out = onnx.ModelProto()
+        out.CopyFrom(self._opset21)
+        return out
 
     # ranges ------------------------------------------------------------------------------------------------------
     def tensor_range(self, name: str, method: str, percentile: float, grid: Grid) -> tuple[float, float]:
@@ -205,14 +225,17 @@ class QDQBuilder:
             self._ranges[key] = compute_range(self.stats.tensors[name], method, grid, pct or 99.99, is_io=name in self.io_tensors)
         return self._ranges[key]
 
-    def ranges(self, plan: PrecisionPlan) -> dict[str, tuple[float, float]]:
+    def ranges(self, plan: PrecisionPlan, wide: set[str] = frozenset()) -> dict[str, tuple[float, float]]:
+        """Range per tensor on the target's grid; the tensors in `wide` (16-bit in a mixed plan) on its 16-bit one."""
         target = get_target(plan.target, plan.activation_type)
         grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
+        grid16 = Grid.for_activation(wide_type(target.activation_type), target.activation_symmetric)
         before = len(self._ranges)
         out = {}
         for name in self.stats.tensors:
             o = plan.tensor_overrides.get(name, {})
-            out[name] = self.tensor_range(name, o.get("method", plan.method), o.get("percentile", plan.percentile), grid)
+            out[name] = self.tensor_range(name, o.get("method", plan.method), o.get("percentile", plan.percentile),
+                                          grid16 if name in wide else grid)
         if len(self._ranges) > before:
             self._save_ranges()
         return out
@@ -249,22 +272,33 @@ class QDQBuilder:
         unknown = [n for n in plan.float_nodes if n not in set(self.node_names)]
         if unknown:
             raise SensqError(f"float node {unknown[0]!r} not in graph", "check node names (Netron shows them) or regenerate the plan for this model")
+        act = QUANT_TYPES[target.activation_type]
+        wide = act in (QuantType.QInt16, QuantType.QUInt16)
+        mixed = bool(plan.a16_nodes) and not wide
+        if wide or mixed:  # 16-bit QuantizeLinear/DequantizeLinear are standard ONNX from opset 21 on
+            model = self._model_at_opset21()
+        else:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+        a16 = a16_overrides(model, plan.a16_nodes, set(self.stats.tensors), target.activation_type,
+                            target.activation_symmetric) if mixed else {}
         tensors_range = TensorsData(CalibrationMethod.MinMax, {
-            name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in self.ranges(plan).items()
+            name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+            for name, (lo, hi) in self.ranges(plan, wide_tensors(a16)).items()
         })
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        act = QuantType.QUInt8 if target.activation_type == "uint8" else QuantType.QInt8
         extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
                  "QuantizeBias": target.quantize_bias}
         if target.no_output_quantization:  # TensorRT / NNCF place Q/DQ on inputs only
             extra["OpTypesToExcludeOutputQuantization"] = list(target.no_output_quantization)
-        fix = plan.overflow_fix or target.overflow_fix
+        # no 8-bit kernel reads 16-bit activations, so nothing saturates: no 7-bit weights unless the plan asks
+        fix = plan.overflow_fix or ("none" if wide else target.overflow_fix)
         if fix == "first_layer":
             # An override without "axis" makes onnxruntime quantize the weight per tensor: give the axis only when
             # the plan asks for per-channel weights, and then the one onnxruntime itself uses for that op.
             extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, **({"axis": axis} if plan.per_channel else {})}]
                                              for w, axis in self.first_layer_weights.items()}
+        if a16:
+            extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **a16}  # weights vs activations: disjoint
         previous = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # ORT logs an info line per skipped tensor
         try:
@@ -278,7 +312,8 @@ class QDQBuilder:
         per_channel_dw = target.depthwise_per_channel if plan.depthwise_per_channel is None else plan.depthwise_per_channel
         if per_channel_dw and self.stats.channels:
             grid = Grid.for_activation(target.activation_type, target.activation_symmetric)
-            quantize_depthwise_inputs_per_channel(out, self.stats.channels, self.depthwise, grid)
+            channels = {t: c for t, c in self.stats.channels.items() if t not in a16}  # 16-bit inputs keep theirs
+            quantize_depthwise_inputs_per_channel(out, channels, self.depthwise, grid)
         if plan.weight_range == "mse":  # before bias correction: it corrects the final weights' rounding
             clip_weights_mse(out, self.model)
         if plan.bias_correction == "fast":

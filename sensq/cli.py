@@ -42,7 +42,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--percentile", type=float, help="percentile for --method percentile, e.g. 99.99 (0.9999 also accepted)")
     q.add_argument("--target", help="deployment target: ort-cpu (default), openvino-cpu, tensorrt (aliases trt, openvino); "
                                     "sets activation type, INT8 op set, overflow fix and the default --latency")
-    q.add_argument("--activation-type", choices=["uint8", "int8"], help="override the target's activation type")
+    q.add_argument("--activation-type", choices=["uint8", "int8", "uint16", "int16"],
+                   help="override the target's activation type; 16-bit (A16W8) raises the model to ONNX opset 21")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     q.add_argument("--overflow-fix", choices=["first_layer", "all", "none"],
                    help="7-bit weights against int16 saturation in ORT's x86 kernels without VNNI (default first_layer there, else none)")

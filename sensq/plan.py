@@ -17,6 +17,9 @@ class PrecisionPlan:
     percentile: float = 99.99
     per_channel: bool = True
     float_nodes: list[str] = field(default_factory=list)
+    # nodes whose activations are 16-bit while the rest stay 8-bit (group precision "a16", sensq/precision.py);
+    # a node both float and a16 is float
+    a16_nodes: list[str] = field(default_factory=list)
     # tensor name -> {"method": ..., "percentile": ...}: per-region calibration (xquant custom_setting)
     tensor_overrides: dict[str, dict] = field(default_factory=dict)
     target: str = "ort-cpu"
@@ -54,6 +57,7 @@ class PrecisionPlan:
         for o in self.tensor_overrides.values():
             check_method(o.get("method", self.method))
         self.float_nodes = sorted(set(self.float_nodes))
+        self.a16_nodes = sorted(set(self.a16_nodes) - set(self.float_nodes))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,10 +73,13 @@ class PrecisionPlan:
         for k in ("placement", "depthwise_per_channel", "bias_correction", "weight_range"):  # unset knobs keep the keys plans had before they existed
             if d[k] is None:
                 d.pop(k)
+        if not d["a16_nodes"]:
+            d.pop("a16_nodes")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    def with_float(self, extra_nodes, **changes) -> "PrecisionPlan":
+    def with_float(self, extra_nodes, a16_nodes=(), **changes) -> "PrecisionPlan":
         d = self.to_dict()
         d["float_nodes"] = sorted(set(self.float_nodes) | set(extra_nodes))
+        d["a16_nodes"] = sorted(set(self.a16_nodes) | set(a16_nodes))
         d.update(changes)
         return PrecisionPlan.from_dict(d)

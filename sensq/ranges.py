@@ -24,7 +24,9 @@ METHODS = ("default", "minmax", "percentile", "kl", "mse")
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_RULE = (
     "default = minmax for model inputs and outputs (inputs are bounded by preprocessing; outputs such as logits "
-    "carry the decision in their extremes), the 99.99th percentile for every other activation"
+    "carry the decision in their extremes), the 99.99th percentile for every other activation on an 8-bit grid; "
+    "minmax everywhere on a 16-bit grid, whose rounding step is 256x finer so that clipping costs more than it saves "
+    "(YOLOX-Nano A16W8: 0.2896 mAP50-95 with minmax, 0.2862 with the 8-bit rule; FP32 0.2908)"
 )
 
 
@@ -47,7 +49,7 @@ ALGORITHM_VERSION = _code_version()
 class Grid:
     """Integer grid a range is mapped onto, as onnxruntime's QDQ quantizer maps it (get_qmin_qmax_for_qType and
     compute_scale_zp): asymmetric uint8 [0, 255] and int8 [-128, 127]; symmetric int8 [-127, 127] with scale a/127
-    and zero point 0; symmetric uint8 [0, 255] with zero point 128."""
+    and zero point 0; symmetric uint8 [0, 255] with zero point 128; the 16-bit types alike over 65536 codes."""
 
     qmin: int = 0
     qmax: int = 255
@@ -55,9 +57,22 @@ class Grid:
 
     @classmethod
     def for_activation(cls, dtype: str, symmetric: bool) -> "Grid":
-        if dtype == "int8":
-            return cls(-127, 127, True) if symmetric else cls(-128, 127, False)
-        return cls(0, 255, symmetric)
+        if dtype in ("int8", "int16"):
+            top = 127 if dtype == "int8" else 32767
+            return cls(-top, top, True) if symmetric else cls(-top - 1, top, False)
+        return cls(0, 65535 if dtype == "uint16" else 255, symmetric)
+
+    @property
+    def wide(self) -> bool:
+        """A 16-bit grid."""
+        return self.qmax - self.qmin > 255
+
+    @property
+    def zero_point_dtype(self) -> type:
+        """numpy type of this grid's zero points (what the Q/DQ pair's integer tensor is)."""
+        if self.qmin < 0:
+            return np.int16 if self.wide else np.int8
+        return np.uint16 if self.wide else np.uint8
 
     def scale_zero_point(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point of ranges [lo, hi] (arrays, vectorised), widened to contain 0 as onnxruntime does."""
@@ -96,7 +111,7 @@ def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 
     elif method == "mse":
         lo, hi = mse_range(st, grid)
     else:
-        lo, hi = (st.min, st.max) if is_io else percentile_range(st, DEFAULT_PERCENTILE, grid.symmetric)
+        lo, hi = (st.min, st.max) if is_io or grid.wide else percentile_range(st, DEFAULT_PERCENTILE, grid.symmetric)
     # A method never widens the observed range.
     return float(max(lo, st.min)), float(min(hi, st.max))
 

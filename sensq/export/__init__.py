@@ -25,6 +25,9 @@ from .xquant import xquant_config
 WRITERS: dict[str, ModuleType] = {"onnx": onnx_qdq, "xquant": xquant, "ort-exclude": ort_exclude, "trtexec": trtexec,
                                   "nncf": nncf_scope, "json": float_json}
 FORMATS = tuple(WRITERS)
+# Formats that carry per-group 16-bit activations (plan.a16_nodes): the built model itself, and the JSON node lists.
+# xquant and ort-exclude settings, trtexec (no 16-bit integer Q/DQ in TensorRT) and NNCF scopes cannot.
+CARRY_A16 = ("onnx", "json")
 
 
 @dataclass
@@ -64,6 +67,9 @@ def export_trial(workdir: str | Path, trial: int | None, output: str | Path, fmt
     except OSError as e:
         raise SensqError(f"cannot create {out.parent}: {e.strerror or e}", "choose an output path in a writable folder (-o)") from e
     writer = WRITERS[fmt]
+    if choice.plan.a16_nodes and fmt not in CARRY_A16:
+        raise SensqError(f"trial {choice.number} runs {len(choice.plan.a16_nodes)} node(s) with 16-bit activations, "
+                         f"which the {fmt} format cannot express", f"export it as {' or '.join(CARRY_A16)}")
     written = writer.write(ctx, out)
     return {"trial": choice.number, "output": out, "metric": choice.metric, "latency": choice.latency,
             "latency_unit": choice.latency_unit, "ratio": choice.ratio, "confirm_metric": choice.confirm_metric,

@@ -3,7 +3,9 @@
 ORT fuses DequantizeLinear -> op -> QuantizeLinear into QLinear/int8 kernels. Whatever Q/DQ survives its graph
 optimizations is a float<->int8 conversion executed on every run: at the model's inputs and outputs that is
 inherent, inside the graph it is the price of a float island (a DQ into the island, a Q out of it) or of a node ORT
-cannot fuse. Cast nodes are counted the same way. The counts come from the optimized graph ORT itself writes
+cannot fuse. Cast nodes are counted the same way. 16-bit Q/DQ (A16W8) are never fused on ORT CPU (no 16-bit
+kernels): they run as fake-quant around float ops, slower than FP32; OpenVINO's CPU plugin likewise keeps 16-bit
+FakeQuantize as float subgraphs and runs the convs in its float inference precision (measured with OpenVINO 2026.4). The counts come from the optimized graph ORT itself writes
 (SessionOptions.optimized_model_filepath), not from a re-implementation of its fusion rules.
 
 ORT (1.2x, transformer WeightBiasQuantization, from the basic level on) also quantizes the float weights of a Conv,
@@ -56,8 +58,10 @@ def _conversions(graph: onnx.GraphProto) -> dict[str, int]:
     boundary_dq = sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in outputs)
     producer = {o: n.op_type for n in graph.node for o in n.output}
     pairs = sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and producer.get(n.input[0]) == "QuantizeLinear")
+    wide = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)}
+    q16 = sum(1 for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in wide)
     return {"q": ops["QuantizeLinear"], "dq": ops["DequantizeLinear"], "boundary_q": boundary_q,
-            "boundary_dq": boundary_dq, "qdq_pairs": pairs, "casts": ops["Cast"]}
+            "boundary_dq": boundary_dq, "qdq_pairs": pairs, "casts": ops["Cast"], "q16": q16}
 
 
 def requantized_float_nodes(model: onnx.ModelProto) -> list[str]:
@@ -82,6 +86,8 @@ def fusion_report(model: ModelLike, reference: ModelLike | None = None, level: s
     casts, casts_added    Cast nodes after optimization, and how many more than the FP32 `reference` (or than the
                           built model had before optimization when no reference is given)
     requantized_float_nodes  nodes left float by the plan whose weights ORT quantized anyway (see module doc)
+    q16, unfused_q16      16-bit QuantizeLinear nodes before / after optimization: ORT 1.31's CPU provider has no
+                          16-bit kernels, so each one that survives is a fake-quant step around a float op
     """
     proto = _proto(model)
     before = _conversions(proto.graph)
@@ -93,4 +99,5 @@ def fusion_report(model: ModelLike, reference: ModelLike | None = None, level: s
     return {"level": level, "q": before["q"], "dq": before["dq"], "unfused_q": after["q"], "unfused_dq": after["dq"],
             "island_q": after["q"] - after["boundary_q"], "island_dq": after["dq"] - after["boundary_dq"],
             "unfused_pairs": after["qdq_pairs"], "fused_ops": fused, "casts": after["casts"],
-            "casts_added": after["casts"] - baseline, "requantized_float_nodes": requantized_float_nodes(proto)}
+            "casts_added": after["casts"] - baseline, "q16": before["q16"], "unfused_q16": after["q16"],
+            "requantized_float_nodes": requantized_float_nodes(proto)}

@@ -26,7 +26,7 @@ def quantize_depthwise_inputs_per_channel(qmodel: onnx.ModelProto, channels: dic
     g = qmodel.graph
     producer = {o: n for n in g.node for o in n.output}
     nodes = {n.name: n for n in g.node}
-    zero_type = np.uint8 if grid.qmin >= 0 else np.int8
+    zero_type = grid.zero_point_dtype
     changed = 0
     for tensor, name in depthwise.items():
         conv = nodes.get(name)

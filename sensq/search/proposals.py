@@ -110,7 +110,11 @@ class Proposer:
     def _knobs(self) -> list:
         """Every single change: each toggle flipped, each categorical knob set to each of its choices."""
         run = self.run
-        out = [("toggle", g) for g in run.space.toggled(run.ranked)]
+        precision = next((sp for sp in run.space.params.values() if sp.get("type") == "group_precision"), None)
+        if precision:
+            out = [("set", f"precision:{g}", c) for g in run.space.toggled(run.ranked) for c in precision["choices"]]
+        else:
+            out = [("toggle", g) for g in run.space.toggled(run.ranked)]
         for k, spec in sorted(run.space.params.items()):
             if spec.get("type") == "categorical":
                 out += [("set", k, c) for c in spec["choices"]]
@@ -120,10 +124,14 @@ class Proposer:
         run = self.run
         toggled = run.space.toggled(run.ranked)
         params = run.space.seed_params(run.ranked, [g for g in base.float_groups if g in toggled], run.defaults(base.plan))
+        a16 = set(base.plan.get("a16_nodes") or [])
+        for g in toggled:  # the base's 16-bit groups (records name float groups only)
+            if a16 and f"precision:{g}" in params and set(run.groups[g]) <= a16:
+                params[f"precision:{g}"] = "a16"
         if knob is None:  # random: a categorical knob 30 % of the time, else a toggle
             knobs = self._knobs()
-            cats = [k for k in knobs if k[0] == "set"]
-            flips = [k for k in knobs if k[0] == "toggle"]
+            cats = [k for k in knobs if k[0] == "set" and not k[1].startswith("precision:")]
+            flips = [k for k in knobs if k[0] == "toggle" or k[1].startswith("precision:")]
             pool = cats if (rng.random() < 0.3 and cats) or not flips else flips
             if not pool:
                 return None
@@ -143,7 +151,8 @@ class Proposer:
         run = self.run
         toggled = run.space.toggled(run.ranked)
         categorical = {k for k, s in run.space.params.items() if s.get("type") == "categorical"}
-        choice = {"float_groups": [g for g in toggled if params.get(f"float:{g}")], "group_methods": {},
+        choice = {"float_groups": [g for g in toggled if params.get(f"float:{g}") or params.get(f"precision:{g}") == "fp32"],
+                  "a16_groups": [g for g in toggled if params.get(f"precision:{g}") == "a16"], "group_methods": {},
                   **{k: v for k, v in params.items() if k in categorical}}
         if params.get("method") == "percentile":
             choice["percentile"] = round(100.0 - params["percentile_tail"], 6)

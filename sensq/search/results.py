@@ -146,6 +146,7 @@ def write_trials_csv(recs: list[TrialRecord], path) -> object:
                     "unfused_island_q": (lat.get("fusion") or {}).get("island_q"),
                     "unfused_island_dq": (lat.get("fusion") or {}).get("island_dq"),
                     "casts_added": (lat.get("fusion") or {}).get("casts_added"),
+                    "unfused_q16": (lat.get("fusion") or {}).get("unfused_q16"),
                     "method": r.plan["method"], "per_channel": r.plan["per_channel"],
                     "overflow_fix": r.plan["overflow_fix"], "plan_key": r.plan_key, "structure_key": r.structure_key,
                     "seconds": sum(r.seconds.values())})

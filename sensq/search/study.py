@@ -29,6 +29,7 @@ from ..latency import (Reference, evaluation_lock, macs_per_node, machine_info, 
                        measurement_lock)
 from ..plan import PrecisionPlan
 from ..quantize import cache_dir
+from ..precision import target_precisions
 from ..search_spaces import load_space
 from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 from ..targets import get_target
@@ -71,12 +72,16 @@ class SearchRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.space = load_space(settings.space)
         if settings.top_k is not None:
-            self.space.params.setdefault("float_groups", {"type": "group_toggles"})["top_k"] = settings.top_k
+            knob = self.space._group_knob() or self.space.params.setdefault("float_groups", {"type": "group_toggles"})
+            knob["top_k"] = settings.top_k
         self.groups = quantizable_groups(ws, settings.depth, settings.group_by)
         if not self.groups:
             raise SensqError("nothing left to search: every node is already float", "check truncate_var_names / float_nodes")
         self.target = get_target(ws.base_plan.target, ws.base_plan.activation_type)
         self.backend = make_latency_backend(self.target.latency_spec(settings.latency))
+        dropped = self.space.restrict(target_precisions(self.target))
+        if dropped:
+            log.info("search space: group precision(s) %s left out: target %s does not run them", dropped, self.target.name)
         self.run_id = uuid.uuid4().hex[:8]
         # per machine (not the cache dir, which may be shared by several machines): one timing at a time here
         self.lock_dir = Path(tempfile.gettempdir()) / f"sensq-{getattr(os, 'getuid', lambda: 0)()}"
@@ -112,7 +117,9 @@ class SearchRun:
     def float_mac_share(self, plan) -> float:
         """Share of the model's MACs in float nodes: the sampler's cost for timed backends. Deterministic and ordered
         like latency (more float work, more time), so measurement noise never changes which plans are proposed."""
-        floating = set(plan.float_nodes if hasattr(plan, "float_nodes") else plan["float_nodes"])
+        get = (lambda k: getattr(plan, k)) if hasattr(plan, "float_nodes") else (lambda k: plan.get(k) or [])
+        # a16 nodes count as float: ORT CPU and OpenVINO run them as float ops between 16-bit fake-quant steps
+        floating = set(get("float_nodes")) | set(get("a16_nodes"))
         return sum(m for n, m in self.macs.items() if n in floating) / max(self.total_macs, 1)
 
     def sampler_cost(self, rec: TrialRecord) -> float:
@@ -276,9 +283,13 @@ class SearchRun:
     def _distributions(self) -> dict:
         from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-        out = {f"float:{g}": CategoricalDistribution([False, True]) for g in self.space.toggled(self.ranked)}
+        out = {}
         for key, spec in self.space.params.items():
-            if spec.get("type") == "categorical":
+            if spec.get("type") == "group_toggles":
+                out.update({f"float:{g}": CategoricalDistribution([False, True]) for g in self.space.toggled(self.ranked)})
+            elif spec.get("type") == "group_precision":
+                out.update({f"precision:{g}": CategoricalDistribution(list(spec["choices"])) for g in self.space.toggled(self.ranked)})
+            elif spec.get("type") == "categorical":
                 out[key] = CategoricalDistribution(list(spec["choices"]))
             elif spec.get("type") == "percentile":
                 out["percentile_tail"] = FloatDistribution(100.0 - float(spec["high"]), 100.0 - float(spec["low"]), log=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from . import openvino_cpu as _openvino_cpu  # noqa: F401  (registers the targets)
 from . import ort_cpu as _ort_cpu  # noqa: F401
 from . import tensorrt as _tensorrt  # noqa: F401
-from .base import (OVERFLOW_FIXES, Target, available_targets, cpu_needs_reduced_range, cpu_overflow_fix, get_target,
+from .base import (ACTIVATION_TYPES, OVERFLOW_FIXES, Target, available_targets, cpu_needs_reduced_range, cpu_overflow_fix, get_target,
                    ort_default_op_types, register_target)
 
-__all__ = ["OVERFLOW_FIXES", "Target", "available_targets", "cpu_needs_reduced_range", "cpu_overflow_fix", "get_target",
+__all__ = ["ACTIVATION_TYPES", "OVERFLOW_FIXES", "Target", "available_targets", "cpu_needs_reduced_range", "cpu_overflow_fix", "get_target",
            "ort_default_op_types", "register_target"]

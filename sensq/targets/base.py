@@ -19,6 +19,8 @@ OVERFLOW_FIXES = ("first_layer", "all", "none")
 # running the convs in float after their DequantizeLinear.
 PLACEMENTS = ("fused", "inputs")
 INPUT_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Activation types sensq can write. 16-bit Q/DQ need ONNX opset 21 (build.py raises the model's opset to it).
+ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")
 
 
 def ort_default_op_types() -> tuple[str, ...]:
@@ -49,7 +51,7 @@ def cpu_overflow_fix() -> str:
 @dataclass(frozen=True)
 class Target:
     name: str
-    activation_type: str  # "uint8" or "int8"
+    activation_type: str  # one of ACTIVATION_TYPES
     activation_symmetric: bool
     description: str
     op_types: tuple[str, ...] | None = None  # op types quantized (run in INT8); None: ONNX Runtime's default set
@@ -68,6 +70,8 @@ class Target:
     depthwise_per_channel: bool = False
     latency: str = "ort"  # default latency backend spec (sensq.latency.make_latency_backend)
     runtime: str = ""  # who runs the model, in words
+    # activation types the runtime takes; 16-bit ones (A16W8) run as fake-quant on ORT CPU (no 16-bit kernels)
+    activation_types: tuple[str, ...] = ("uint8", "int8")
 
     def resolved_op_types(self) -> tuple[str, ...]:
         """Op types to quantize, restricted to those onnxruntime's quantizer (which writes the QDQ graph) knows."""
@@ -120,8 +124,17 @@ def get_target(name: str, activation_type: str | None = None) -> Target:
         raise SensqError(f"unknown target {name!r}", f"use one of: {', '.join(available_targets())}")
     t = _FACTORIES[key]()
     if activation_type and activation_type != t.activation_type:
-        if activation_type not in ("uint8", "int8"):
-            raise SensqError(f"activation type {activation_type!r} not supported", "use uint8 or int8")
+        if activation_type not in ACTIVATION_TYPES:
+            raise SensqError(f"activation type {activation_type!r} not supported", f"use one of: {', '.join(ACTIVATION_TYPES)}")
+        if activation_type not in t.activation_types:
+            raise SensqError(f"target {t.name} does not take {activation_type} activations",
+                             f"use one of: {', '.join(t.activation_types)}, or another --target")
+        # int8 means symmetric (TensorRT's convention); 16-bit grids stay asymmetric: no kernel needs a zero point of
+        # 0 there, and an asymmetric grid keeps the extra bit for one-sided activations (ReLU, SiLU)
         t = replace(t, activation_type=activation_type, activation_symmetric=activation_type == "int8",
                     description=t.description + f" (activations overridden to {activation_type})")
     return t
+
+
+def activation_bits(activation_type: str) -> int:
+    return 16 if activation_type.endswith("16") else 8

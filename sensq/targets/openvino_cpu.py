@@ -2,7 +2,7 @@
 transformations can move the quantization into the kernels (oneDNN u8s8, like ORT's)."""
 from __future__ import annotations
 
-from .base import Target, cpu_overflow_fix, register_target
+from .base import ACTIVATION_TYPES, Target, cpu_overflow_fix, register_target
 
 # NNCF's CPU hardware config (nncf 3.4, common/hardware/setups/cpu.py) lists the OpenVINO ops that take quantized inputs;
 # these are their ONNX names among the ops onnxruntime's quantizer writes Q/DQ for. Mul and Sigmoid are left out:
@@ -25,5 +25,6 @@ def openvino_cpu() -> Target:
         no_output_quantization=("Conv", "ConvTranspose", "MatMul", "Gemm"),  # NNCF: no FakeQuantize inside Conv+act
         depthwise_per_channel=True,  # NNCF's default too; its int8 kernels take a scale per channel
         latency="openvino",
+        activation_types=ACTIVATION_TYPES,
         runtime="OpenVINO CPU plugin (openvino package, ONNX frontend)",
     )

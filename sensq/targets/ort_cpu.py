@@ -1,7 +1,7 @@
 """ONNX Runtime, CPU execution provider on x86: the QDQ graph sensq builds is what this runtime fuses into QLinear kernels."""
 from __future__ import annotations
 
-from .base import Target, cpu_overflow_fix, register_target
+from .base import ACTIVATION_TYPES, Target, cpu_overflow_fix, register_target
 
 
 @register_target("ort-cpu", "ort", "onnxruntime")
@@ -16,5 +16,6 @@ def ort_cpu() -> Target:
         op_types=None,  # everything onnxruntime's quantizer handles
         overflow_fix=fix,
         latency="ort",
+        activation_types=ACTIVATION_TYPES,
         runtime="onnxruntime CPUExecutionProvider",
     )
