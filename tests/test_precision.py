@@ -21,7 +21,6 @@ from sensq.statistics import collect
 from sensq.targets import get_target
 
 from search_helpers import make_tiny, study_records, tiny_settings
-from test_search import restore_sensq_logger  # noqa: F401 (autouse)
 from tiny_models import conv_relu_conv
 
 
