@@ -137,7 +137,7 @@ class SearchRun:
             log.warning("evaluator %s returns no per-sample results: no held-out confirmation, no intervals, no pruning",
                         getattr(ev, "name", type(ev).__name__))
             self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
-        self.low_boot = PairedBootstrap(self.split.low_indices, max(s.n_boot, PRUNE_BOOT), s.seed, level=PRUNE_LEVEL)
+        self.low_boot = PairedBootstrap(self.split.low_indices, PRUNE_BOOT, s.seed, level=PRUNE_LEVEL)  # not n_boot: report-only
         self.fp32_hash = model_hash(self.ws.model)
         int8_model = self.ws.build()
         self.int8_hash = model_hash(int8_model)
