@@ -105,14 +105,45 @@ def test_pruning_decision_is_reproduced_by_hand_from_per_sample_values():
     d = prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(7, cheaper, lambda: s_good)], boot)
     # by hand: paired differences on the same resamples, BCa interval, upper bound below zero
     w, jw = bootstrap_weights(30, 400, 0), jackknife_weights(30)
-    lo, hi = bca_interval(float((bad - good).mean()), w @ (bad - good) / 30, jw @ (bad - good) / 30)
-    assert d is not None and d.by == 7 and d.n == 30
+    from sensq.search.fidelity import PRUNE_ALPHA
+
+    lo, hi = bca_interval(float((bad - good).mean()), w @ (bad - good) / 30, jw @ (bad - good) / 30,
+                          1 - 2 * PRUNE_ALPHA)  # one candidate looked at: the whole one-sided alpha for it
+    assert d is not None and d.by == 7 and d.n == 30 and d.tests == 1
     assert (d.diff, d.lo, d.hi) == pytest.approx((float((bad - good).mean()), lo, hi)) and hi < 0
     assert prune_decision(plan, MeanSamples(idx, {"m": close}, "m"), [(7, cheaper, lambda: s_good)], boot) is None
     # a better-scoring but possibly slower trial (more float nodes, or another weight layout) never prunes
     slower = {**plan, "float_nodes": ["a", "b", "c"]}
     assert not no_slower(slower, plan) and not no_slower({**cheaper, "per_channel": False}, plan)
     assert prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(8, slower, lambda: s_good)], boot) is None
+
+
+def test_pruning_corrects_over_every_candidate_it_looked_at():
+    """Issue 18.2: choosing the most negative differences among K no-slower trials and correcting over 3 gives a
+    family-wise error of about K*alpha/3. A difference significant at one-sided alpha/3 but not at alpha/30 prunes
+    when it is the only candidate, and no longer when 29 other no-slower candidates were looked at too."""
+    from sensq.search.fidelity import PRUNE_ALPHA
+
+    rng = np.random.default_rng(4)
+    n, idx = 30, np.arange(30)
+    good, noise = rng.normal(0.0, 1.0, n), rng.normal(0.0, 1.0, n)
+    w, jw = bootstrap_weights(n, 2000, 0), jackknife_weights(n)
+
+    def upper(delta, tests):  # by hand: BCa upper bound of (trial - other) at one-sided alpha / tests
+        d = -delta + noise
+        return bca_interval(float(d.mean()), w @ d / n, jw @ d / n, 1 - 2 * PRUNE_ALPHA / tests)[1]
+
+    delta = next(x for x in np.arange(0.2, 2.0, 0.01) if upper(x, 3) < 0 <= upper(x, 30))
+    plan = {"float_nodes": ["a", "b"], "per_channel": True, "activation_type": None, "target": "ort-cpu"}
+    cheaper = {**plan, "float_nodes": ["a"]}
+    mine = MeanSamples(idx, {"m": good - delta + noise}, "m")
+    boot = PairedBootstrap(idx, 2000, 0)
+    best = (7, cheaper, lambda: MeanSamples(idx, {"m": good}, "m"))
+    assert prune_decision(plan, mine, [best], boot) is not None
+    worse = [(100 + i, cheaper, lambda i=i: MeanSamples(idx, {"m": good - 5.0 - i}, "m")) for i in range(29)]
+    assert prune_decision(plan, mine, [best, *worse], boot) is None
+    d = prune_decision(plan, MeanSamples(idx, {"m": good - 3.0 + noise}, "m"), [best, *worse], boot)
+    assert d is not None and d.tests == 30  # the decision records how many comparisons its level covers
 
 
 def test_prune_decision_loads_only_no_slower_trials_and_memoizes_their_values():
@@ -160,8 +191,11 @@ def test_every_prune_in_a_run_is_backed_by_its_stored_samples(tiny, tmp_path):
         other = recs[r.pruned["by"]]
         assert other.full and no_slower(other.plan, r.plan)
         mine, theirs = store.get(r.model_hash), store.get(other.model_hash)
-        # the documented rule: 2,000 resamples, one-sided 1 % per decision split over its (up to) 3 tests
-        iv = PairedBootstrap(low, 2000, 0, level=1 - 2 * 0.01 / 3).difference(mine, theirs)
+        # the documented rule: 2,000 resamples, one-sided 1 % per decision split over the K no-slower trials it
+        # looked at (finished before it: at most the earlier full ones)
+        k = r.pruned["tests"]
+        assert 1 <= k <= len([o for o in recs.values() if o.full and o.number < r.number and no_slower(o.plan, r.plan)])
+        iv = PairedBootstrap(low, 2000, 0, level=1 - 2 * 0.01 / k).difference(mine, theirs)
         assert (iv.value, iv.lo, iv.hi) == pytest.approx((r.pruned["diff"], r.pruned["lo"], r.pruned["hi"]))
         assert iv.hi < 0 and r.fidelity == len(low)
 

@@ -30,7 +30,7 @@ from ..quantize import cache_dir
 from ..search_spaces import load_space
 from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 from ..targets import get_target
-from .fidelity import PRUNE_BOOT, PRUNE_LEVEL
+from .fidelity import PRUNE_BOOT
 from .proposals import Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
@@ -137,7 +137,7 @@ class SearchRun:
             log.warning("evaluator %s returns no per-sample results: no held-out confirmation, no intervals, no pruning",
                         getattr(ev, "name", type(ev).__name__))
             self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
-        self.low_boot = PairedBootstrap(self.split.low_indices, PRUNE_BOOT, s.seed, level=PRUNE_LEVEL)  # not n_boot: report-only
+        self.low_boot = PairedBootstrap(self.split.low_indices, PRUNE_BOOT, s.seed)  # not n_boot (report-only); level per decision
         self.fp32_hash = model_hash(self.ws.model)
         int8_model = self.ws.build()
         self.int8_hash = model_hash(int8_model)
