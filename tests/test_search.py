@@ -146,6 +146,24 @@ def test_pruning_corrects_over_every_candidate_it_looked_at():
     assert d is not None and d.tests == 30  # the decision records how many comparisons its level covers
 
 
+def test_the_sampler_learns_one_cost_definition_from_every_trial(tiny, tmp_path):
+    """Issue 18.4: with a deterministic backend (bops) full trials gave the sampler their backend ratio while the
+    sensitivity warm start (and stopped plans) gave the float-MAC share, so warm-start plans looked cheaper than
+    all-INT8. Every trial's second objective is now the float-MAC share, computed here from the graph by hand."""
+    from sensq.latency import macs_per_node
+
+    workdir = tmp_path / "c"
+    ws = tiny.workspace()
+    run_search(ws, tiny.evaluator(), tiny_settings(workdir, 6), progress=False)
+    macs = macs_per_node(ws.model)
+    by_number = {r.number: r for r in study_records(workdir)}
+    told = [t for t in load_study(workdir).trials if t.values is not None]
+    assert {by_number[t.number].source for t in told} >= {"sensitivity", "seed"}
+    for t in told:
+        share = sum(m for n, m in macs.items() if n in by_number[t.number].plan["float_nodes"]) / sum(macs.values())
+        assert t.values[1] == pytest.approx(share), (t.number, by_number[t.number].label)
+
+
 def test_prune_decision_loads_only_no_slower_trials_and_memoizes_their_values():
     """At full-size sets a study's per-sample results do not fit in memory together: a decision loads a finished
     trial's results only when it is no slower, and a value computed once is not loaded again for the next trial."""

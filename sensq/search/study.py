@@ -108,13 +108,15 @@ class SearchRun:
         return [(r.number, r.plan, lambda key=r.model_hash: self.store.get(key)) for r in self.records() if r.full]
 
     def float_mac_share(self, plan) -> float:
-        """Share of the model's MACs in float nodes: the sampler's cost for timed backends. Deterministic and ordered
-        like latency (more float work, more time), so measurement noise never changes which plans are proposed."""
+        """Share of the model's MACs in float nodes: the sampler's cost for every trial it learns from, whatever the
+        backend. Deterministic and ordered like latency (more float work, more time), so measurement noise never
+        changes which plans are proposed; and one scale: stopped plans and the sensitivity warm start have no
+        backend ratio, so a backend ratio for full trials only would make them look cheaper than all-INT8."""
         floating = set(plan.float_nodes if hasattr(plan, "float_nodes") else plan["float_nodes"])
         return sum(m for n, m in self.macs.items() if n in floating) / max(self.total_macs, 1)
 
     def sampler_cost(self, rec: TrialRecord) -> float:
-        return rec.ratio if self.backend.deterministic and rec.latency else rec.cost_proxy
+        return rec.cost_proxy  # the reports' latency is the backend's; the sampler's cost is one definition
 
     def defaults(self, plan: dict | None = None) -> dict:
         p = plan or self.ws.base_plan.to_dict()
