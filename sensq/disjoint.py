@@ -4,11 +4,11 @@ content (sha256), never by file name: a copy under another name is the same imag
 name is not."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 from .errors import SensqError
+from .pt_export import file_sha256 as _sha256
 
 log = logging.getLogger("sensq")
 
@@ -24,14 +24,6 @@ def calibration_images(cfg) -> list[Path]:
         if ip.file_type == "img" and ip.data_list_path:
             files += list_files(cfg.resolve(ip.data_list_path), "img", ip.input_name or f"input {i}")[:cfg.calibration_step]
     return files
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shared_images(calib: list[Path], scored: list[Path]) -> int:
