@@ -284,8 +284,8 @@ class PairedBootstrap:
         value, draws, jack = self._draws(samples)
         return Interval(value, *bca_interval(value, draws, jack, self.level))
 
-    def difference(self, a: SampleResults, b: SampleResults) -> Interval:
-        """a - b on the same resamples (paired)."""
+    def difference(self, a: SampleResults, b: SampleResults, level: float | None = None) -> Interval:
+        """a - b on the same resamples (paired), at `level` (default: this bootstrap's)."""
         va, da, ja = self._draws(a)
         vb, db, jb = self._draws(b)
-        return Interval(va - vb, *bca_interval(va - vb, da - db, ja - jb, self.level))
+        return Interval(va - vb, *bca_interval(va - vb, da - db, ja - jb, self.level if level is None else level))

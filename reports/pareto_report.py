@@ -154,7 +154,9 @@ def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> s
                      "split selected these points, the confirm split did not.")
     lines += [f"- {summary['distinct_plans']} distinct plans scored by strategy `{summary['strategy']}`; "
               f"{summary['repeats']} repeated proposals were skipped (not run, not counted); {summary['pruned']} plans "
-              f"stopped after {summary['low_fidelity']} samples on paired evidence (see trials.csv: `pruned`).",
+              f"stopped after {summary['low_fidelity']} samples on paired evidence, each at a one-sided family-wise error "
+              f"of {100 * summary.get('prune_alpha', 0.01):g} % (Bonferroni over every no-slower trial it was compared "
+              "with: trials.csv `pruned_tests`).",
               f"- Hypervolume in (ratio, {m}) against ({summary['hypervolume_ref']['ratio']}, "
               f"{summary['hypervolume_ref']['metric']:.4f}): {summary['hypervolume']:.6f}."]
     if summary.get("rejected"):

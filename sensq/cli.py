@@ -178,7 +178,7 @@ def cmd_export(args) -> int:
     from .export import SUFFIXES, export_trial
 
     out = args.output or f"{Path(args.workdir).name}.trial{args.trial if args.trial is not None else 'best'}{SUFFIXES[args.format]}"
-    info = export_trial(args.workdir, args.trial, out, args.format, progress=not args.quiet)
+    info = export_trial(args.workdir, args.trial, out, args.format, progress=not args.quiet, force=args.force)
     print(f"wrote {info['output']} ({info['summary']})")
     for f in info.get("files", [])[1:]:
         print(f"  and {f}")
@@ -304,6 +304,8 @@ def _export_parser(sub, common) -> None:
     p.add_argument("--trial", type=int, help="trial number (see pareto.md); default: the recommended trial")
     p.add_argument("-o", "--output", help="output file")
     p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--force", action="store_true",
+                   help="write the rebuilt model even when its hash differs from the one the search scored")
     p.set_defaults(func=cmd_export)
 
 

@@ -2,7 +2,8 @@
 evaluation data come from, and how they are kept apart. The CLI and the Python API both go through here, so
 `sensq search --model m.onnx` and `sensq.defaults.setup(model="m.onnx")` see the same data and preprocessing.
 
-Data rules (never calibrate on the images that are scored, unless asked to with allow_calib_on_eval):
+Data rules (never calibrate on the images that are scored, unless asked to with allow_calib_on_eval; setup checks
+the files, by path and content, when the user gave both sets: sensq/disjoint.py):
 - detectors: COCO train2017 calibrates, val2017 evaluates; when only val2017 exists, a fixed-seed random subset of
   `calib_step` val images calibrates and is left out of the evaluation (said in the log);
 - classifiers: an ImageNet-style folder of images + label file: the first `calib_step` files by name calibrate,
@@ -324,6 +325,7 @@ def setup(progress: bool = True, **options):
 
     options: the CLI's option names (model, config, calib, data, labels, skip, task, calib_step, preset, mean, ...).
     Returns (config, workspace, evaluator)."""
+    from .disjoint import refuse_overlap
     from .quantize import prepare
 
     choice = choose_data(options.get("model"), options.get("config"), options.get("calib"), options.get("data"),
@@ -332,7 +334,6 @@ def setup(progress: bool = True, **options):
     opts = {**options, "calib": choice.calib, "data": choice.data, "labels": choice.labels, "skip": choice.skip,
             "exclude": choice.exclude}
     cfg = build_config(**opts)
-    ws = prepare(cfg, progress=progress)
     if not opts.get("mean") and cfg.inputs and cfg.inputs[0].preprocess_file == "IMAGENET":
         # evaluate with the normalization the model was calibrated with
         opts["mean"], opts["std"] = cfg.inputs[0].mean_value, cfg.inputs[0].std_value
@@ -344,4 +345,7 @@ def setup(progress: bool = True, **options):
     opts["image_preprocess"] = sources[0].image if sources and not opts.get("detector_preprocess") else None
     opts["calib_files"] = list(sources[0].files[:len(ws.data)]) if sources else None
     rest = {k: v for k, v in opts.items() if k not in ("task", "model")}
-    return cfg, ws, evaluator_for(task=opts.get("task") or "auto", model=cfg.model_path, **rest)
+    evaluator = evaluator_for(task=opts.get("task") or "auto", model=cfg.model_path, **rest)
+    # before calibration: given --calib and --data, nothing above checked that they are apart
+    refuse_overlap(cfg, evaluator, bool(options.get("allow_calib_on_eval")))
+    return cfg, prepare(cfg, progress=progress), evaluator

@@ -87,7 +87,8 @@ def checkpoint_kind(path: Path) -> str:
     return "unknown"
 
 
-def _file_hash(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MB chunks (checkpoints here, calibration and evaluation images in disjoint.py)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -124,7 +125,7 @@ def exporter_versions() -> dict[str, str]:
 
 
 def export_key(checkpoint: Path, versions: dict[str, str]) -> str:
-    raw = json.dumps([_file_hash(checkpoint), EXPORT_SETTINGS, versions], sort_keys=True)
+    raw = json.dumps([file_sha256(checkpoint), EXPORT_SETTINGS, versions], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 

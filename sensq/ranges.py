@@ -2,7 +2,8 @@
 
 minmax      observed min and max
 percentile  p-th percentile of the values (two-sided for asymmetric grids, of |x| for symmetric ones)
-kl          TensorRT entropy calibration: the |x| threshold whose 128-level quantized histogram is closest in KL
+kl          TensorRT entropy calibration: the |x| threshold whose 128-level (256 for a non-negative tensor on an
+            asymmetric grid) quantized histogram is closest in KL
 mse         the clipping range minimising the expected squared quantization error on the target's integer grid
 default     per tensor: minmax for model inputs and outputs, the 99.99th percentile elsewhere (DEFAULT_RULE; the
             comparison with every single method on the shared models is in docs/benchmarks.md)
@@ -105,8 +106,10 @@ def compute_range(st: TensorStats, method: str, grid: Grid, percentile: float = 
     elif method == "percentile":
         lo, hi = percentile_range(st, percentile, grid.symmetric)
     elif method == "kl":
-        # 128 levels per side on a symmetric int8 grid (TensorRT); the whole 256-level grid on an asymmetric one.
-        t = kl_threshold(st, target_bins=128 if grid.symmetric else 256)
+        # Levels per side of the |x| histogram: 256 only for a non-negative tensor on an asymmetric grid (all of it
+        # on one side); a signed tensor is quantized over [-t, t] in 255 steps, so 128 per side, symmetric grid or
+        # not (pytorch-quantization's entropy calibrator: unsigned only when min >= 0).
+        t = kl_threshold(st, target_bins=256 if not grid.symmetric and st.min >= 0 else 128)
         lo, hi = -t, t
     elif method == "mse":
         lo, hi = mse_range(st, grid)

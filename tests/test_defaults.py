@@ -97,3 +97,40 @@ def test_cli_options_and_python_api_build_the_same_config(tmp_path):
     assert from_cli.to_xquant() == from_api.to_xquant()
     ip = from_api.inputs[0]
     assert (ip.resize, ip.std_value, from_api.per_channel, from_api.calibration_step) == ("letterbox", [255.0] * 3, False, 3)
+
+
+@pytest.mark.data
+def test_search_refuses_to_calibrate_on_the_evaluation_images(yolov5n, coco_dir, tmp_path, capfd):
+    """Issue 18.1: --calib = the evaluation images is exit 2 with one line naming the overlap and the opt-in flag,
+    before any calibration or trial runs."""
+    from sensq.cli import main
+
+    code = main(["search", "--model", str(yolov5n), "--calib", str(coco_dir / "val2017"), "--data", str(coco_dir),
+                 "--budget", "2", "--calib-step", "2", "--limit", "2", "--workdir", str(tmp_path / "run"), "-q"])
+    out, err = capfd.readouterr()
+    assert code == 2 and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "--allow-calib-on-eval" in lines[0], err
+    assert " 2 calibration image" in lines[0]  # calib-step 2: the two images that would calibrate are both scored
+    assert not (tmp_path / "run").exists()  # refused before the search started
+
+
+@pytest.mark.data
+def test_overlap_is_found_by_content_and_by_resolved_path_not_by_name(yolov5n, coco_dir, tmp_path):
+    """Copies under new names and symlinks count; a different image under a scored image's name does not."""
+    import shutil
+
+    val = sorted((coco_dir / "val2017").iterdir())
+    train = sorted((coco_dir / "train2017").iterdir())
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    shutil.copy(val[0], calib / "a_copy.jpg")
+    shutil.copy(val[1], calib / "b_copy.jpg")
+    (calib / "c_link.jpg").symlink_to(val[2])
+    shutil.copy(train[0], calib / val[3].name)  # same name as a scored image, other content: not an overlap
+    shutil.copy(train[1], calib / "e_train.jpg")
+    with pytest.raises(SensqError, match=r"3 calibration images .*--allow-calib-on-eval"):
+        setup(progress=False, model=str(yolov5n), calib=[str(calib)], data=str(coco_dir), calib_step=5)
+    cfg, ws, ev = setup(progress=False, model=str(yolov5n), calib=[str(calib)], data=str(coco_dir), calib_step=5,
+                        allow_calib_on_eval=True)
+    assert len(ev.data.files) == 206  # allowed: nothing left out, the run goes on

@@ -222,3 +222,30 @@ def test_export_after_data_free_search(tmp_path):
     export_trial(workdir, rec.number, out, "onnx", progress=False)
     assert ev.evaluate(str(out), indices=_search_split(workdir)).value == rec.metric
     assert onnx.load(str(out)).SerializeToString() == ws.build().SerializeToString()
+
+
+def test_export_refuses_a_rebuild_that_differs_from_the_scored_model(searched, tmp_path, monkeypatch, capsys):
+    """Issue 18.5: the rebuilt model's hash is compared with the trial's model_hash (a plan whose overflow_fix
+    resolves through this machine's VNNI check can rebuild differently elsewhere); --force writes it anyway."""
+    from sensq.quantize import Workspace
+
+    _, workdir, full, _, _ = searched
+    n = _all_int8(workdir).number
+    build = Workspace.build
+
+    def other_machine(self, plan=None):
+        m = build(self, plan)
+        m.doc_string = "rebuilt elsewhere"  # any byte of difference
+        return m
+
+    monkeypatch.setattr(Workspace, "build", other_machine)
+    for fmt in ("onnx", "ort-exclude"):
+        out = tmp_path / f"t.{fmt}"
+        with pytest.raises(SensqError, match="differs from the model trial .* scored.*--force"):
+            export_trial(workdir, n, out, fmt, progress=False)
+        assert not out.exists()
+    assert main(["export", "--workdir", str(workdir), "--trial", str(n), "-o", str(tmp_path / "x.q.onnx"), "-q"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["export", "--workdir", str(workdir), "--trial", str(n), "-o", str(tmp_path / "x.q.onnx"), "-q",
+                 "--force"]) == 0
+    assert (tmp_path / "x.q.onnx").is_file()

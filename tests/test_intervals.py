@@ -168,6 +168,22 @@ def test_bca_interval_covers_the_truth_at_the_stated_rate():
     assert 0.90 <= hits / trials <= 0.99
 
 
+def test_bca_interval_agrees_with_scipy_on_a_skewed_mean():
+    """scipy.stats.bootstrap(method="BCa") on the mean of 40 lognormal samples, where BCa and the percentile
+    interval differ by 0.026 and 0.041: sensq's BCa from its own resamples and jackknife agrees with scipy's from
+    other resamples to within the resampling error (~0.003 at 20,000 resamples)."""
+    from scipy.stats import bootstrap
+
+    x = np.random.default_rng(11).lognormal(0.0, 1.0, 40)
+    n, b = len(x), 20000
+    w = bootstrap_weights(n, b, 7)
+    ours = bca_interval(float(x.mean()), w @ x / n, jackknife_weights(n) @ x / n)
+    ref = bootstrap((x,), np.mean, method="BCa", n_resamples=b, random_state=np.random.default_rng(123)).confidence_interval
+    assert ours == pytest.approx((ref.low, ref.high), abs=0.01)
+    plo, phi = percentile_interval(w @ x / n)
+    assert abs(plo - ref.low) > 0.02 and abs(phi - ref.high) > 0.02  # the comparison can tell BCa from percentile
+
+
 def test_bca_corrects_an_upward_bootstrap_bias():
     """When resamples are biased upwards, the BCa interval sits lower than the percentile interval: as for the basic
     bootstrap, the estimate is taken to carry the same bias, so the interval centres near value - bias."""

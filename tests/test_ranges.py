@@ -265,7 +265,8 @@ def kl_by_brute_force(st: TensorStats, target_bins: int) -> tuple[dict[int, floa
 @pytest.mark.parametrize("grid,target_bins", [(INT8_SYM, 128), (UINT8, 256)])
 def test_kl_threshold_matches_brute_force(grid, target_bins):
     rng = np.random.default_rng(9)
-    st = stats(*rng.standard_t(3, size=(4, 50000)))  # heavy tails: the best threshold lies inside the range
+    t = rng.standard_t(3, size=(4, 50000))  # heavy tails: the best threshold lies inside the range
+    st = stats(*(t if grid.symmetric else np.abs(t)))  # 256 levels on one side only for a non-negative tensor
     kl, width = kl_by_brute_force(st, target_bins)
     best = min(kl, key=kl.get)
     assert target_bins < best < max(kl), "the data must put the optimum inside the candidate range"
@@ -450,3 +451,55 @@ def test_symmetric_int8_grid_is_the_built_one(tmp_path):
     assert float(inits[quantize.input[1]]) == pytest.approx(scale[0], rel=1e-6)
     assert int(inits[quantize.input[2]]) == zp[0] == 0
     assert scale[0] == pytest.approx(max(-lo, hi) / 127, rel=1e-6)  # by hand: a / 127
+
+
+def entropy_amax_reference(hist: np.ndarray, edges: np.ndarray, num_bits: int, unsigned: bool, stride: int = 1,
+                           start_bin: int = 128) -> float:
+    """NVIDIA pytorch-quantization's `_compute_amax_entropy` (calib/histogram.py), ported with the same steps: the
+    first bin set to the second, candidates i = start_bin.. with 2^(bits-1+unsigned) quantized bins spread by
+    np.digitize over linspace(0, i), empty bins kept empty, clipped mass folded into the last kept bin, the last
+    argmin of scipy's entropy. Signed tensors get 128 levels per side, non-negative ones 256."""
+    from scipy.stats import entropy
+
+    bins = hist.astype(np.float64).copy()
+    bins[0] = bins[1]
+    nbins = 1 << (num_bits - 1 + int(unsigned))
+    divergences, arguments = [], []
+    for i in range(start_bin, len(bins) + 1, stride):
+        space = np.linspace(0, i, num=nbins + 1)
+        dig = np.digitize(np.arange(i), space) - 1
+        dig[bins[:i] == 0] = -1
+        keep = dig != -1
+        sums = np.bincount(dig[keep], weights=bins[:i][keep], minlength=nbins)
+        members = np.bincount(dig[keep], minlength=nbins)
+        per = np.divide(sums, members, out=np.zeros(nbins), where=members > 0)
+        new = np.where(keep, per[np.maximum(dig, 0)], 0.0)
+        ref = bins[:i].copy()
+        ref[-1] += bins[i:].sum()
+        divergences.append(entropy(ref / ref.sum(), new / new.sum()))
+        arguments.append(i)
+    d = np.asarray(divergences)
+    last = len(d) - 1 - int(np.argmin(d[::-1]))
+    return float(edges[last * stride + start_bin])
+
+
+def test_kl_on_a_signed_tensor_spends_128_levels_per_side_as_the_entropy_calibrator():
+    """Issue 18.6: a signed activation (a Conv output before SiLU) on an asymmetric uint8 grid is quantized over
+    [-t, t] in 255 steps, so its KL search must assume 128 levels per side (as pytorch-quantization does for any
+    signed tensor), not 256 over |x|."""
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.standard_normal(200000), 6 * rng.standard_normal(200)]).astype(np.float32)
+    st = stats(x)
+    counts = st.absolute()[: np.nonzero(st.absolute())[0][-1] + 1]
+    factor = int(np.ceil(len(counts) / 2048))
+    counts = np.pad(counts, (0, (-len(counts)) % factor)).reshape(-1, factor).sum(axis=1)
+    width = st.bin_width * factor
+    ref = entropy_amax_reference(counts, np.arange(len(counts) + 1) * width, 8, unsigned=False,
+                                 stride=max(1, (len(counts) - 128) // 160))
+    lo, hi = compute_range(st, "kl", UINT8)
+    assert hi == pytest.approx(ref, rel=0.03) and lo == pytest.approx(-ref, rel=0.03)
+    # a non-negative tensor on the same grid keeps all 256 levels on its one side (unsigned in the reference)
+    pos = np.abs(x)
+    st = stats(pos)
+    lo, hi = compute_range(st, "kl", UINT8)
+    assert lo == st.min and hi > ref

@@ -16,6 +16,7 @@ from sensq.search import run_search
 from sensq.search.fidelity import no_slower, prune_decision
 from sensq.sensitivity import quantizable_groups
 
+from references import median_interval
 from search_helpers import (PNG_SIGNATURE, SEED_LABELS, Tiny, load_study, make_tiny, searched,  # noqa: F401
                             study_records, tiny_settings)
 
@@ -92,14 +93,63 @@ def test_pruning_decision_is_reproduced_by_hand_from_per_sample_values():
     d = prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(7, cheaper, lambda: s_good)], boot)
     # by hand: paired differences on the same resamples, BCa interval, upper bound below zero
     w, jw = bootstrap_weights(30, 400, 0), jackknife_weights(30)
-    lo, hi = bca_interval(float((bad - good).mean()), w @ (bad - good) / 30, jw @ (bad - good) / 30)
-    assert d is not None and d.by == 7 and d.n == 30
+    from sensq.search.fidelity import PRUNE_ALPHA
+
+    lo, hi = bca_interval(float((bad - good).mean()), w @ (bad - good) / 30, jw @ (bad - good) / 30,
+                          1 - 2 * PRUNE_ALPHA)  # one candidate looked at: the whole one-sided alpha for it
+    assert d is not None and d.by == 7 and d.n == 30 and d.tests == 1
     assert (d.diff, d.lo, d.hi) == pytest.approx((float((bad - good).mean()), lo, hi)) and hi < 0
     assert prune_decision(plan, MeanSamples(idx, {"m": close}, "m"), [(7, cheaper, lambda: s_good)], boot) is None
     # a better-scoring but possibly slower trial (more float nodes, or another weight layout) never prunes
     slower = {**plan, "float_nodes": ["a", "b", "c"]}
     assert not no_slower(slower, plan) and not no_slower({**cheaper, "per_channel": False}, plan)
     assert prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(8, slower, lambda: s_good)], boot) is None
+
+
+def test_pruning_corrects_over_every_candidate_it_looked_at():
+    """Issue 18.2: choosing the most negative differences among K no-slower trials and correcting over 3 gives a
+    family-wise error of about K*alpha/3. A difference significant at one-sided alpha/3 but not at alpha/30 prunes
+    when it is the only candidate, and no longer when 29 other no-slower candidates were looked at too."""
+    from sensq.search.fidelity import PRUNE_ALPHA
+
+    rng = np.random.default_rng(4)
+    n, idx = 30, np.arange(30)
+    good, noise = rng.normal(0.0, 1.0, n), rng.normal(0.0, 1.0, n)
+    w, jw = bootstrap_weights(n, 2000, 0), jackknife_weights(n)
+
+    def upper(delta, tests):  # by hand: BCa upper bound of (trial - other) at one-sided alpha / tests
+        d = -delta + noise
+        return bca_interval(float(d.mean()), w @ d / n, jw @ d / n, 1 - 2 * PRUNE_ALPHA / tests)[1]
+
+    delta = next(x for x in np.arange(0.2, 2.0, 0.01) if upper(x, 3) < 0 <= upper(x, 30))
+    plan = {"float_nodes": ["a", "b"], "per_channel": True, "activation_type": None, "target": "ort-cpu"}
+    cheaper = {**plan, "float_nodes": ["a"]}
+    mine = MeanSamples(idx, {"m": good - delta + noise}, "m")
+    boot = PairedBootstrap(idx, 2000, 0)
+    best = (7, cheaper, lambda: MeanSamples(idx, {"m": good}, "m"))
+    assert prune_decision(plan, mine, [best], boot) is not None
+    worse = [(100 + i, cheaper, lambda i=i: MeanSamples(idx, {"m": good - 5.0 - i}, "m")) for i in range(29)]
+    assert prune_decision(plan, mine, [best, *worse], boot) is None
+    d = prune_decision(plan, MeanSamples(idx, {"m": good - 3.0 + noise}, "m"), [best, *worse], boot)
+    assert d is not None and d.tests == 30  # the decision records how many comparisons its level covers
+
+
+def test_the_sampler_learns_one_cost_definition_from_every_trial(tiny, tmp_path):
+    """Issue 18.4: with a deterministic backend (bops) full trials gave the sampler their backend ratio while the
+    sensitivity warm start (and stopped plans) gave the float-MAC share, so warm-start plans looked cheaper than
+    all-INT8. Every trial's second objective is now the float-MAC share, computed here from the graph by hand."""
+    from sensq.latency import macs_per_node
+
+    workdir = tmp_path / "c"
+    ws = tiny.workspace()
+    run_search(ws, tiny.evaluator(), tiny_settings(workdir, 6), progress=False)
+    macs = macs_per_node(ws.model)
+    by_number = {r.number: r for r in study_records(workdir)}
+    told = [t for t in load_study(workdir).trials if t.values is not None]
+    assert {by_number[t.number].source for t in told} >= {"sensitivity", "seed"}
+    for t in told:
+        share = sum(m for n, m in macs.items() if n in by_number[t.number].plan["float_nodes"]) / sum(macs.values())
+        assert t.values[1] == pytest.approx(share), (t.number, by_number[t.number].label)
 
 
 def test_prune_decision_loads_only_no_slower_trials_and_memoizes_their_values():
@@ -147,8 +197,11 @@ def test_every_prune_in_a_run_is_backed_by_its_stored_samples(tiny, tmp_path):
         other = recs[r.pruned["by"]]
         assert other.full and no_slower(other.plan, r.plan)
         mine, theirs = store.get(r.model_hash), store.get(other.model_hash)
-        # the documented rule: 2,000 resamples, one-sided 1 % per decision split over its (up to) 3 tests
-        iv = PairedBootstrap(low, 2000, 0, level=1 - 2 * 0.01 / 3).difference(mine, theirs)
+        # the documented rule: 2,000 resamples, one-sided 1 % per decision split over the K no-slower trials it
+        # looked at (finished before it: at most the earlier full ones)
+        k = r.pruned["tests"]
+        assert 1 <= k <= len([o for o in recs.values() if o.full and o.number < r.number and no_slower(o.plan, r.plan)])
+        iv = PairedBootstrap(low, 2000, 0, level=1 - 2 * 0.01 / k).difference(mine, theirs)
         assert (iv.value, iv.lo, iv.hi) == pytest.approx((r.pruned["diff"], r.pruned["lo"], r.pruned["hi"]))
         assert iv.hi < 0 and r.fidelity == len(low)
 
@@ -182,7 +235,9 @@ def test_same_seed_same_plans_even_with_a_noisy_timed_backend(tiny, tmp_path):
     assert [(r.plan_key, r.metric, r.pruned is None) for r in a] == [(r.plan_key, r.metric, r.pruned is None) for r in b]
     for ra, rb in zip(a, b):
         if ra.latency and rb.latency:
-            assert ra.latency["unit"] == "ms" and ra.latency["ratio_ci"][0] <= ra.ratio <= ra.latency["ratio_ci"][1]
+            ratios = ra.latency["round_ratios"]
+            assert ra.latency["unit"] == "ms" and ra.ratio == pytest.approx(float(np.median(ratios)), abs=1e-5)
+            assert ra.latency["ratio_ci"] == pytest.approx(median_interval(ratios), abs=1e-5)
 
 
 def _run(tiny: Tiny, workdir, budget, **kw):

@@ -48,6 +48,20 @@ def test_resume_with_larger_budget_keeps_trials_and_does_not_reseed(tiny, tmp_pa
     assert len(searched(study_records(workdir))) == 8 and ev.scored == scored
 
 
+def test_rerun_with_other_report_options_resumes_the_same_study(tiny, tmp_path):
+    """Issue 18.8: --max-drop and --n-boot only change the report; a rerun with other values continues the study
+    (README: "rerun to resume") instead of starting a new one beside it."""
+    ws, ev = tiny.workspace(), tiny.evaluator()
+    workdir = tmp_path / "w"
+    run_search(ws, ev, tiny_settings(workdir, 3), progress=False)
+    first = json.loads((workdir / "search.json").read_text())["study_name"]
+    before = {r.number: r.plan_key for r in searched(study_records(workdir))}
+    run_search(ws, ev, tiny_settings(workdir, 4, max_drop=0.05, n_boot=300), progress=False)
+    assert json.loads((workdir / "search.json").read_text())["study_name"] == first
+    after = {r.number: r.plan_key for r in searched(study_records(workdir))}
+    assert len(after) == 4 and {k: after[k] for k in before} == before  # one new trial, the three kept
+
+
 def test_resumed_search_does_not_replay_proposals(tiny, tmp_path):
     ws, ev = tiny.workspace(), tiny.evaluator()
     run_search(ws, ev, tiny_settings(tmp_path / "w", 6), progress=False)

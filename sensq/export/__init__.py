@@ -8,7 +8,8 @@
     json         the float nodes as plain JSON                                               float_json.py
 
 Each writer module names the consumer version it targets in CONSUMER. Without a trial number the recommended trial
-is exported (see trial.py); every format that rebuilds the model first checks the calibration statistics key.
+is exported (see trial.py); every format that rebuilds the model first checks the calibration statistics key, and
+the formats writing the scored QDQ model check its hash against the trial's (ExportContext.scored_model).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class ExportContext:
     info: dict
     choice: TrialChoice
     progress: bool = True
+    force: bool = False  # write a rebuilt model whose hash differs from the scored one
     _ws: object = None
 
     @property
@@ -46,13 +48,27 @@ class ExportContext:
             self._ws = workspace_for(self.info, progress=self.progress)
         return self._ws
 
+    def scored_model(self, plan=None):
+        """The trial's QDQ model rebuilt, refused when its bytes differ from the one the study scored (model_hash)
+        unless forced: a machine-dependent choice (overflow_fix's VNNI check) can rebuild it differently."""
+        from ..evaluators.scoring import model_hash
+
+        qmodel = self.ws.build(plan or self.choice.plan)
+        expected = self.choice.attrs.get("model_hash")
+        if expected and not self.force and model_hash(qmodel) != expected:
+            raise SensqError(f"the rebuilt model (sha256 {model_hash(qmodel)[:12]}) differs from the model trial "
+                             f"{self.choice.number} scored ({expected[:12]}), so its scores would not apply",
+                             "export on the machine that ran the search, or pass --force to write the rebuilt model")
+        return qmodel
+
     def float_model(self, out: Path) -> Path:
         """The float graph sensq quantized (simplified, opset >= 13, every node named), written next to `out`: the
         node names in every exported list refer to it, not to the original .onnx."""
         return save_model(self.ws.builder.model, sibling(out, ".float.onnx"))
 
 
-def export_trial(workdir: str | Path, trial: int | None, output: str | Path, fmt: str = "onnx", progress: bool = True) -> dict:
+def export_trial(workdir: str | Path, trial: int | None, output: str | Path, fmt: str = "onnx", progress: bool = True,
+                 force: bool = False) -> dict:
     """Python API of `sensq export`. Returns what was written, the trial and the scores it reproduces:
     {"trial", "output", "metric", "latency", "latency_unit", "ratio", "confirm_metric", "picked", "summary", "files",
     "notes", "consumer", "format"}."""
@@ -60,7 +76,7 @@ def export_trial(workdir: str | Path, trial: int | None, output: str | Path, fmt
         raise SensqError(f"unknown export format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
     info = load_search(workdir)
     choice = choose_trial(workdir, info, trial)
-    ctx = ExportContext(Path(workdir), info, choice, progress)
+    ctx = ExportContext(Path(workdir), info, choice, progress, force)
     out = Path(output)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,5 +9,5 @@ CONSUMER = "onnxruntime 1.20-1.31 CPUExecutionProvider (QDQ, the model's opset >
 
 
 def write(ctx, out: Path) -> dict:
-    save_model(ctx.ws.build(ctx.choice.plan), out)
+    save_model(ctx.scored_model(), out)
     return {"files": [out]}

@@ -104,10 +104,10 @@ def shielded_float_nodes(qmodel: onnx.ModelProto, float_nodes) -> list[str]:
     return sorted(out)
 
 
-def settings(ws, plan, float_model: str) -> dict:
+def settings(ws, plan, float_model: str, qmodel=None) -> dict:
     target = get_target(plan.target, plan.activation_type)
     fix = plan.overflow_fix or target.overflow_fix
-    qmodel = ws.build(plan)
+    qmodel = ws.build(plan) if qmodel is None else qmodel
     overrides, skipped = tensor_overrides(ws, qmodel, fix == "first_layer")
     qs = {
         "model_input": float_model,
@@ -153,8 +153,9 @@ def settings(ws, plan, float_model: str) -> dict:
 
 
 def write(ctx, out: Path) -> dict:
+    qmodel = ctx.scored_model()  # checked against the trial's hash before anything is written
     float_model = ctx.float_model(out)
-    doc = settings(ctx.ws, ctx.choice.plan, float_model.name)
+    doc = settings(ctx.ws, ctx.choice.plan, float_model.name, qmodel)
     doc["trial"] = ctx.choice.number
     doc["snippet"] = SNIPPET.format(settings=out.name)
     out.write_text(json.dumps(doc, indent=1))

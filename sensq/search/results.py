@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from ..evaluators.samples import PairedBootstrap
+from .fidelity import PRUNE_ALPHA
 from .pareto import front_indices, hypervolume
 from .records import TrialRecord
 
@@ -140,6 +141,7 @@ def write_trials_csv(recs: list[TrialRecord], path) -> object:
         out.append({"trial": r.number, "source": r.source, "label": r.label, "fidelity": r.fidelity,
                     "metric": r.metric, "delta_int8": r.delta_int8, "pruned": bool(r.pruned),
                     "pruned_by": (r.pruned or {}).get("by"), "pruned_diff_hi": (r.pruned or {}).get("hi"),
+                    "pruned_tests": (r.pruned or {}).get("tests"),
                     "rejected": r.rejected or "", "ratio": lat.get("ratio"), "ratio_lo": (lat.get("ratio_ci") or [None, None])[0],
                     "ratio_hi": (lat.get("ratio_ci") or [None, None])[1], "latency_value": lat.get("value"),
                     "latency_unit": lat.get("unit"), "cost_proxy": r.cost_proxy, "float_groups": ";".join(r.float_groups),
@@ -166,7 +168,8 @@ def _summary(run, recs, rows, front, rec) -> dict:
         "target": run.target.name, "machine": run.machine, "strategy": s.strategy, "budget": s.budget,
         "distinct_plans": len({r.plan_key for r in searched}), "repeats": run.proposer.repeats,
         "rejected": {r.number: r.rejected for r in searched if r.rejected},
-        "pruned": len(pruned), "saved_seconds_estimate": len(pruned) * (float(np.mean(full_cost)) if full_cost else 0.0),
+        "pruned": len(pruned), "prune_alpha": PRUNE_ALPHA,
+        "saved_seconds_estimate": len(pruned) * (float(np.mean(full_cost)) if full_cost else 0.0),
         "search_samples": len(run.split.search), "confirm_samples": len(run.split.confirm), "low_fidelity": run.split.low,
         "hypervolume_ref": {"ratio": ref[0], "metric": ref[1]},
         "hypervolume": hypervolume([r["metric"] for r in front], [r["ratio"] for r in front], ref[1], ref[0]),

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STRATEGIES = ("tpe", "random", "greedy")
+REPORT_ONLY = ("max_drop", "n_boot")  # options read only when the report is written
 
 
 @dataclass
@@ -37,8 +38,9 @@ class SearchSettings:
         return asdict(self)
 
     def study_key(self, *parts) -> str:
-        """Hash of everything that makes two runs the same study (not the budget, workdir or worker)."""
+        """Hash of what changes the trials: not the budget, workdir or worker, nor the report-only options (max_drop
+        picks the recommendation, n_boot the report's intervals), so a rerun with other report options resumes."""
         d = self.to_dict()
-        for k in ("budget", "workdir", "storage", "study_name", "worker"):
+        for k in ("budget", "workdir", "storage", "study_name", "worker", *REPORT_ONLY):
             d.pop(k)
         return hashlib.sha256(json.dumps([d, *parts], default=str, sort_keys=True).encode()).hexdigest()[:10]

@@ -56,24 +56,38 @@ def confirm_size(n: int, confirm: float | int | str | None) -> int:
     return size
 
 
+def class_shares(counts: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    """Largest-remainder apportionment of `total` samples over classes of `counts`: each class gets its exact share
+    rounded up or down, the sum is exact, ties broken at random (seeded). When there are enough samples on both
+    sides, every class keeps at least one sample in each part (a share of 0.6 rounds up to 1, not down to 0)."""
+    counts = np.asarray(counts, np.int64)
+    quota = counts * total / counts.sum()
+    both = total >= len(counts) and counts.sum() - total >= len(counts)
+    lo, hi = (np.ones_like(counts), counts - 1) if both else (np.zeros_like(counts), counts)
+    take = np.clip(np.floor(quota).astype(np.int64), lo, hi)
+    tie = rng.permutation(len(counts)) * 1e-9 / len(counts)  # below any real remainder difference
+    while take.sum() != total:  # each step moves one sample to or from the class furthest from its quota
+        if take.sum() < total:
+            gap = np.where(take < hi, quota - take + tie, -np.inf)
+            take[int(np.argmax(gap))] += 1
+        else:
+            gap = np.where(take > lo, quota - take + tie, np.inf)
+            take[int(np.argmin(gap))] -= 1
+    return take
+
+
 def make_split(n: int, confirm: float | int | str | None = None, low: int | None = None, seed: int = 0,
                labels=None) -> Split:
     rng = np.random.default_rng(seed)
     n_confirm = confirm_size(n, confirm)
     order = rng.permutation(n)
+    conf = order[:n_confirm]
     if n_confirm and labels is not None:
         labels = np.asarray(labels)
-        _, counts = np.unique(labels, return_counts=True)
+        classes, counts = np.unique(labels, return_counts=True)
         if counts.min() >= 2:  # stratified: the confirm part takes the same share of every class
-            conf = []
-            for c in np.unique(labels):
-                members = order[labels[order] == c]
-                conf += members[: int(round(len(members) * n_confirm / n))].tolist()
-            conf = np.asarray(conf[:n_confirm], np.int64)
-        else:
-            conf = order[:n_confirm]
-    else:
-        conf = order[:n_confirm]
+            take = class_shares(counts, n_confirm, rng)
+            conf = np.concatenate([order[labels[order] == c][:k] for c, k in zip(classes, take)])
     search = order[~np.isin(order, conf)]
     n_search = len(search)
     low = max(n_search // 3, min(32, n_search)) if low is None else max(1, min(int(low), n_search))

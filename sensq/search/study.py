@@ -33,7 +33,7 @@ from ..precision import target_precisions
 from ..search_spaces import load_space
 from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 from ..targets import get_target
-from .fidelity import PRUNE_BOOT, PRUNE_LEVEL
+from .fidelity import PRUNE_BOOT
 from .proposals import Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
@@ -115,15 +115,17 @@ class SearchRun:
         return [(r.number, r.plan, lambda key=r.model_hash: self.store.get(key)) for r in self.records() if r.full]
 
     def float_mac_share(self, plan) -> float:
-        """Share of the model's MACs in float nodes: the sampler's cost for timed backends. Deterministic and ordered
-        like latency (more float work, more time), so measurement noise never changes which plans are proposed."""
+        """Share of the model's MACs in float nodes: the sampler's cost for every trial it learns from, whatever the
+        backend. Deterministic and ordered like latency (more float work, more time), so measurement noise never
+        changes which plans are proposed; and one scale: stopped plans and the sensitivity warm start have no
+        backend ratio, so a backend ratio for full trials only would make them look cheaper than all-INT8."""
         get = (lambda k: getattr(plan, k)) if hasattr(plan, "float_nodes") else (lambda k: plan.get(k) or [])
         # a16 nodes count as float: ORT CPU and OpenVINO run them as float ops between 16-bit fake-quant steps
         floating = set(get("float_nodes")) | set(get("a16_nodes"))
         return sum(m for n, m in self.macs.items() if n in floating) / max(self.total_macs, 1)
 
     def sampler_cost(self, rec: TrialRecord) -> float:
-        return rec.ratio if self.backend.deterministic and rec.latency else rec.cost_proxy
+        return rec.cost_proxy  # the reports' latency is the backend's; the sampler's cost is one definition
 
     def defaults(self, plan: dict | None = None) -> dict:
         p = plan or self.ws.base_plan.to_dict()
@@ -148,7 +150,7 @@ class SearchRun:
             log.warning("evaluator %s returns no per-sample results: no held-out confirmation, no intervals, no pruning",
                         getattr(ev, "name", type(ev).__name__))
             self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
-        self.low_boot = PairedBootstrap(self.split.low_indices, max(s.n_boot, PRUNE_BOOT), s.seed, level=PRUNE_LEVEL)
+        self.low_boot = PairedBootstrap(self.split.low_indices, PRUNE_BOOT, s.seed)  # not n_boot (report-only); level per decision
         self.fp32_hash = model_hash(self.ws.model)
         int8_model = self.ws.build()
         self.int8_hash = model_hash(int8_model)

@@ -86,7 +86,9 @@ class TrialEvaluator:
                 raise
         value = {**lat.to_dict(), "machine_id": run.machine["machine_id"], "run_id": run.run_id,
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        value.pop("details", None)
+        details = value.pop("details", None) or {}
+        if "round_ratios" in details:  # 12 numbers: the evidence the ratio and its interval come from
+            value["round_ratios"] = details["round_ratios"]
         if run.backend.name == "ort":  # what ORT left unfused: the conversions a float island costs on every run
             value["fusion"] = fusion_report(model, reference=run.ws.model)
         run.book.put(key, value)
