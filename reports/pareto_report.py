@@ -99,11 +99,20 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
     if len(summary.get("machines", [])) > 1:
         lines.append(f"latency was measured on {len(summary['machines'])} machines: ratios are paired per machine, "
                      "compare them, not the ms")
-    lines.append(f"{summary['distinct_plans']} distinct plans scored ({summary['strategy']}), {summary['repeats']} repeated "
-                 f"proposals skipped, {summary['pruned']} stopped after {summary['low_fidelity']} of "
+    lines.append(f"{summary['distinct_plans']} distinct models scored ({summary['strategy']}), {summary['repeats']} repeated "
+                 f"proposals skipped{_model_repeats(summary)}, {summary['pruned']} stopped after {summary['low_fidelity']} of "
                  f"{summary['search_samples']} search samples (~{summary['saved_seconds_estimate']:.0f} s saved); "
                  f"held-out confirm samples: {summary['confirm_samples'] or 'none'}")
     return "\n".join(lines)
+
+
+def _model_repeats(summary: dict) -> str:
+    """Which skipped proposals were new plans that built an already scored model (trials.csv: `repeat_of`)."""
+    reps = summary.get("model_repeats") or {}
+    if not reps:
+        return ""
+    shown = ", ".join(f"{a} = {b}" for a, b in list(reps.items())[:6]) + (", ..." if len(reps) > 6 else "")
+    return f" ({len(reps)} of them new plans building an already scored model: trial {shown})"
 
 
 def rejected_line(rejected: dict) -> str:
@@ -152,8 +161,9 @@ def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> s
         lines.append(f"- Optimism (search − confirm) of the front points: mean {np.mean([r['optimism'] for r in opt]):+.4f}, "
                      f"range [{min(r['optimism'] for r in opt):+.4f}, {max(r['optimism'] for r in opt):+.4f}]: the search "
                      "split selected these points, the confirm split did not.")
-    lines += [f"- {summary['distinct_plans']} distinct plans scored by strategy `{summary['strategy']}`; "
-              f"{summary['repeats']} repeated proposals were skipped (not run, not counted); {summary['pruned']} plans "
+    lines += [f"- {summary['distinct_plans']} distinct models scored by strategy `{summary['strategy']}`; "
+              f"{summary['repeats']} repeated proposals were skipped (not run, not counted){_model_repeats(summary)}; "
+              f"{summary['pruned']} plans "
               f"stopped after {summary['low_fidelity']} samples on paired evidence, each at a one-sided family-wise error "
               f"of {100 * summary.get('prune_alpha', 0.01):g} % (Bonferroni over every no-slower trial it was compared "
               "with: trials.csv `pruned_tests`).",

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import qdq_quantizer as _qdq_module
+
+from . import ort_compat  # noqa: F401  (the internals below exist, else a one-line error)
+from onnxruntime.quantization import qdq_quantizer as _qdq_module  # noqa: E402
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantType

@@ -15,6 +15,10 @@ by="structure"  from the graph alone, for names without a module path ('Conv_41'
                 depth >= 2 stops after step 1 (one group per learned layer).
 by="auto"       module prefixes when most names carry a module path, else structure
 by="node"       one node each
+
+A group without a learned layer (a Concat, a Resize, a residual Add on its own) is not a precision toggle: keeping it
+float leaves the built model unchanged (its Q/DQ is the neighbours') or only moves Q/DQ around, so module and
+structure groupings fold it into a neighbouring group (fold_weight_free) and every toggle is a distinct built model.
 """
 from __future__ import annotations
 
@@ -51,10 +55,61 @@ def layer_groups(graph: Graph, nodes: list[str], by: str = "auto", depth: int = 
         groups: dict[str, list[str]] = {}
         for n in nodes:
             groups.setdefault(group_name(n, depth), []).append(n)
-        return groups
+        return fold_weight_free(graph, groups)
     if by == "module":  # one group per node otherwise: the structure is the only module information left
         log.info("node names carry no module path; grouping by graph structure")
-    return structural_groups(graph, nodes, depth)
+    return fold_weight_free(graph, structural_groups(graph, nodes, depth))
+
+
+def _is_learned(graph: Graph, name: str) -> bool:
+    node = graph.nodes.get(name)
+    return node is not None and node.op_type in LEARNED_OPS
+
+
+def _nearest_grouped(graph: Graph, members: list[str], where: dict[str, str], upstream: bool) -> list[str]:
+    """The nearest grouped nodes feeding (upstream) or reading (downstream) `members`, walking through nodes that are
+    in no group (float or not quantized)."""
+    seen, found = set(members), []
+    stack = list(members)
+    while stack:
+        node = graph.nodes.get(stack.pop())
+        if node is None:
+            continue
+        if upstream:
+            nxt = [graph.producer[x].name for x in node.input if x in graph.producer]
+        else:
+            nxt = [c.name for o in node.output for c in graph.consumers.get(o, [])]
+        for n in nxt:
+            if n not in seen:
+                seen.add(n)
+                (found if n in where else stack).append(n)
+    return found
+
+
+def fold_weight_free(graph: Graph, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each group without a learned layer joins the group of its latest producer (graph order), else of its first
+    consumer; the target keeps its label. Groups stay in graph order, members too. Unchanged when no group has a
+    learned layer (nothing to fold into)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if not any(_is_learned(graph, n) for ms in groups.values() for n in ms):
+        return groups
+    out = {k: list(v) for k, v in groups.items()}
+    where = {n: k for k, ms in out.items() for n in ms}
+    for label in list(out):
+        members = out[label]
+        if any(_is_learned(graph, n) for n in members):
+            continue
+        before = _nearest_grouped(graph, members, where, upstream=True)
+        after = _nearest_grouped(graph, members, where, upstream=False)
+        if not before and not after:
+            continue  # nothing quantized around it: left as it is
+        pos = lambda n: order.get(n, len(order))  # noqa: E731
+        target = where[max(before, key=pos)] if before else where[min(after, key=pos)]
+        out[target] = sorted(out[target] + members, key=pos)
+        for n in members:
+            where[n] = target
+        del out[label]
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[1][0], len(order))))
 
 
 # ---------------------------------------------------------------------------------------------------- structure

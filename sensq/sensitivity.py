@@ -102,7 +102,7 @@ class SensitivityResult:
 def sensitivity_key(ws, evaluator, indices, depth, by, budget_seconds, proxy_samples) -> str:
     idx = hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:12]
     raw = json.dumps([ws.stats.key, ws.base_plan.key(), evaluator_signature(evaluator), idx, depth, by,
-                      budget_seconds, proxy_samples, 2], default=str)
+                      budget_seconds, proxy_samples, 3], default=str)  # 3: weight-free groups folded
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -143,5 +143,10 @@ def study_records(workdir: Path) -> list[TrialRecord]:
 
 
 def searched(recs: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials the budget counts (not the sensitivity pass's warm-start entries)."""
+    """Trials the budget counts (not the sensitivity pass's warm-start entries, not repeats of a built model)."""
+    return [r for r in recs if r.source != "sensitivity" and r.repeat_of is None]
+
+
+def entered(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Every searched trial, repeats of a built model included (they carry the label of the plan they were)."""
     return [r for r in recs if r.source != "sensitivity"]

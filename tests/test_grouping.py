@@ -64,6 +64,10 @@ def _residual_net(n_blocks: int, named: bool = False, concat_every: int = 4) -> 
     return model
 
 
+def graph_op(g: Graph, name: str) -> str:
+    return g.nodes[name].op_type
+
+
 def _quantizable(g: Graph) -> list[str]:
     return [n for n, node in g.nodes.items() if node.op_type in QUANTIZED_OPS]
 
@@ -131,6 +135,10 @@ def test_module_names_group_by_prefix_and_module_falls_back_to_structure():
     expected = {}
     for n in nodes:
         expected.setdefault(group_name(n, 1), []).append(n)
+    # model.6 holds only block 5's residual Add and its Relu (no conv): not a toggle of its own, it joins the group
+    # of its latest producer (block 5's second conv, in model.5)
+    assert [graph_op(named, n) for n in expected["model.6"]] == ["Add", "Relu"]
+    expected["model.5"] += expected.pop("model.6")
     assert layer_groups(named, nodes, by="auto") == expected == layer_groups(named, nodes, by="module")
     unnamed = Graph(_residual_net(6))
     plain = _quantizable(unnamed)

@@ -17,7 +17,7 @@ from sensq.search.fidelity import no_slower, prune_decision
 from sensq.sensitivity import quantizable_groups
 
 from references import median_interval
-from search_helpers import (PNG_SIGNATURE, SEED_LABELS, Tiny, load_study, make_tiny, searched,  # noqa: F401
+from search_helpers import (PNG_SIGNATURE, SEED_LABELS, Tiny, entered, load_study, make_tiny, searched,  # noqa: F401
                             study_records, tiny_settings)
 
 
@@ -43,11 +43,24 @@ def test_seeds_warm_start_and_budget_counts_distinct_plans(tiny_run):
     info = json.loads((workdir / "search.json").read_text())
     ranked = info["ranked_groups"]
     assert sorted(ranked) == sorted(quantizable_groups(ws, by="node"))
-    by_label = {r.label: r for r in counted}
+    assert len({r.model_hash for r in counted}) == 10  # ... and no two of them the same built model
+    every = entered(recs)
+    by_label = {r.label: r for r in every}
     for n, label in enumerate(SEED_LABELS):  # seeds: the default plan with the top n groups float, once each
-        assert [r.label for r in counted].count(label) == 1
+        assert [r.label for r in every].count(label) == 1
         assert by_label[label].float_groups == ranked[:n] and by_label[label].source == "seed"
         assert by_label[label].plan["method"] == ws.base_plan.method
+    # one model, one trial: with conv1 and conv2 float, keeping the relu between them float too builds the very same
+    # model (no Q/DQ is left around it), so the top-3 seed reuses the top-2 seed's results instead of being scored
+    top2, top3 = by_label["seed: top-2 float"], by_label["seed: top-3 float"]
+    assert "relu" in top3.float_groups and "relu" not in top2.float_groups
+    assert ws.build(ws.base_plan.with_float(top3.plan["float_nodes"])).SerializeToString() == \
+        ws.build(ws.base_plan.with_float(top2.plan["float_nodes"])).SerializeToString()
+    assert top3.repeat_of == top2.number and top3.model_hash == top2.model_hash and top3.metric == top2.metric
+    assert top3 not in counted and result.summary["model_repeats"] == {top3.number: top2.number}
+    for r in every:  # every repeat names a trial that built the same model and was scored
+        if r.repeat_of is not None:
+            assert {x.number: x.model_hash for x in counted}[r.repeat_of] == r.model_hash
     assert by_label["seed: top-1 float"].plan["float_nodes"] == sorted(quantizable_groups(ws, by="node")[ranked[0]])
     # the sensitivity pass's leave-one-out runs were entered as plans at the fidelity they were scored on
     warm = [r for r in recs if r.source == "sensitivity"]
@@ -61,7 +74,7 @@ def test_seeds_warm_start_and_budget_counts_distinct_plans(tiny_run):
     dupes = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     keys = {r.number: r.plan_key for r in recs}
     assert all(t.user_attrs["duplicate_of"] in keys for t in dupes)
-    assert result.repeats == len(dupes) == result.summary["repeats"]
+    assert result.repeats == len(dupes) + len(result.summary["model_repeats"]) == result.summary["repeats"]
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
 
 
@@ -72,12 +85,15 @@ def test_a_repeated_plan_is_neither_run_nor_counted(tiny, tmp_path):
     space.write_text("params:\n  float_groups:\n    type: group_toggles\n    top_k: 3\n")
     ws, ev = tiny.workspace(), tiny.evaluator()
     res = run_search(ws, ev, tiny_settings(tmp_path / "w", 8, space=str(space)), progress=False)
-    counted = searched(study_records(tmp_path / "w"))
-    assert len(counted) == len({r.plan_key for r in counted}) == 8  # all 2^3 plans, each once
-    assert res.repeats > 0 and res.summary["distinct_plans"] == 8
+    recs = study_records(tmp_path / "w")
+    counted = searched(recs)
+    assert len({r.plan_key for r in entered(recs)}) == len(entered(recs)) == 8  # all 2^3 plans, each once ...
+    # ... but relu float between two float convs changes nothing: 2 of the 8 plans build a model already scored
+    assert len(counted) == len({r.model_hash for r in counted}) == 6 == res.summary["distinct_plans"]
+    assert len(res.summary["model_repeats"]) == 2 and res.repeats > 2
     calls = ev.calls
     res = run_search(ws, ev, tiny_settings(tmp_path / "w", 9, space=str(space)), progress=False)  # nothing left
-    assert len(searched(study_records(tmp_path / "w"))) == 8 and ev.calls == calls  # no model scored again
+    assert len(searched(study_records(tmp_path / "w"))) == 6 and ev.calls == calls  # no model scored again
 
 
 def test_pruning_decision_is_reproduced_by_hand_from_per_sample_values():
@@ -247,10 +263,11 @@ def _run(tiny: Tiny, workdir, budget, **kw):
 
 def test_greedy_adds_groups_in_sensitivity_order(tiny, tmp_path):
     workdir = _run(tiny, tmp_path / "g", 10, strategy="greedy")
-    recs = searched(study_records(workdir))
+    recs = entered(study_records(workdir))
     ranked = json.loads((workdir / "search.json").read_text())["ranked_groups"]
     assert [r.float_groups for r in recs] == [ranked[:n] for n in range(len(ranked) + 1)]  # stops when all are float
-    assert all(r.full and r.source == "greedy" for r in recs)  # every step scored in full, none pruned
+    # every step scored in full, none pruned; the last (relu float too) builds the previous step's model again
+    assert all(r.full and r.source == "greedy" for r in recs[:-1]) and recs[-1].repeat_of == recs[-2].number
 
 
 def test_random_strategy_uses_optunas_random_sampler(tiny, tmp_path):

@@ -125,15 +125,17 @@ def test_a_plan_the_runtime_cannot_compile_is_recorded_and_the_search_goes_on(tm
     run_search(tiny.workspace(), tiny.evaluator(), tiny_settings(workdir, 4), progress=False)
     recs = searched(study_records(workdir))
     rejected = [r for r in recs if r.rejected]
-    assert len(recs) == 4 and len(rejected) == 1  # counted toward the budget, the search went on
+    # counted toward the budget, the search went on; a later plan with the same graph structure is rejected from the
+    # latency book without another try
+    assert len(recs) == 4 and len(rejected) >= 1 and len({r.structure_key for r in rejected}) == 1
     bad = rejected[0]
     assert bad.latency is None and not bad.full and "Argument shapes are inconsistent" in bad.rejected
     doc = json.loads((workdir / "pareto.json").read_text())
     assert bad.number not in [r["trial"] for r in doc["front"]]
-    assert list(doc["summary"]["rejected"]) == [str(bad.number)]
+    assert list(doc["summary"]["rejected"]) == [str(r.number) for r in rejected]
     csv = pd.read_csv(workdir / "trials.csv").set_index("trial")
-    assert csv.loc[bad.number, "rejected"].startswith("OpenVINO") and csv["rejected"].fillna("").eq("").sum() == len(csv) - 1
-    assert "rejected 1 plan(s)" in (workdir / "pareto.md").read_text()
+    assert csv.loc[bad.number, "rejected"].startswith("OpenVINO") and csv["rejected"].fillna("").eq("").sum() == len(csv) - len(rejected)
+    assert f"rejected {len(rejected)} plan(s)" in (workdir / "pareto.md").read_text()
 
 
 def test_a_rejected_structure_is_booked_and_not_compiled_again(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from sensq.cli import main
 from sensq.errors import SensqError
 from sensq.search import run_search
 
-from search_helpers import SEED_LABELS, load_study, make_tiny, searched, study_records, tiny_settings
+from search_helpers import SEED_LABELS, entered, load_study, make_tiny, searched, study_records, tiny_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_resume_with_larger_budget_keeps_trials_and_does_not_reseed(tiny, tmp_pa
     recs = study_records(workdir)
     assert len(searched(recs)) == 8 and len({r.plan_key for r in searched(recs)}) == 8
     assert {r.number: (r.plan_key, r.metric) for r in recs if r.number in before} == before
-    labels = [r.label for r in searched(recs)]
+    labels = [r.label for r in entered(recs)]
     assert [labels.count(lab) for lab in SEED_LABELS] == [1, 1, 1, 1], labels
     # FP32, all-INT8 and the sensitivity models came from the per-sample store: only the 6 new plans ran, each on
     # at most the 16 search samples
@@ -128,7 +128,7 @@ def test_resume_after_sigkill(tiny, tmp_path):
     recs = study_records(workdir)
     assert len(searched(recs)) == budget == len({r.plan_key for r in searched(recs)})
     assert {r.number: (r.plan_key, r.metric) for r in recs if r.number in before} == before
-    complete_labels = [r.label for r in searched(recs)]  # COMPLETE trials only: a killed one does not count
+    complete_labels = [r.label for r in entered(recs)]  # COMPLETE trials only: a killed one does not count
     trace = [(t.number, t.state.name, t.user_attrs.get("label"), t.user_attrs.get("retry_of"),
               t.user_attrs.get("duplicate_of")) for t in load_study(workdir).trials]
     assert [complete_labels.count(lab) for lab in SEED_LABELS] == [1, 1, 1, 1], trace

@@ -38,7 +38,11 @@ def tiny_ws(tiny):
 # ------------------------------------------------------------------------------------------------ groups
 def test_yolov5n_module_groups_depth1(yolo_ws):
     groups = quantizable_groups(yolo_ws, depth=1)
-    assert set(groups) == {f"model.{i}" for i in range(25)}
+    # the Upsample (Resize) and Concat modules hold no weights: folded into the module feeding them
+    folded = {11: 10, 12: 10, 15: 14, 16: 14, 19: 18, 22: 21}
+    assert set(groups) == {f"model.{i}" for i in range(25) if i not in folded}
+    for i, into in folded.items():
+        assert any(n.startswith(f"/model.{i}/") for n in groups[f"model.{into}"]), i
     assert list(groups)[0] == "model.0"
     decode = set(yolo_ws.head.float_nodes)
     assert decode and all(n.startswith("/model.24/") for n in decode)
@@ -46,7 +50,8 @@ def test_yolov5n_module_groups_depth1(yolo_ws):
     assert len(members) == len(set(members))
     assert not decode & set(members)
     for g, nodes in groups.items():
-        assert all(n.startswith(f"/{g}/") for n in nodes), g
+        assert all(n.startswith(f"/{g}/") or any(n.startswith(f"/model.{i}/") for i, t in folded.items()
+                                                   if f"model.{t}" == g) for n in nodes), g
     # exactly the nodes the base plan quantizes: op types of the target, not float
     ops = set(get_target(yolo_ws.base_plan.target, yolo_ws.base_plan.activation_type).resolved_op_types())
     expected = {n.name for n in yolo_ws.builder.model.graph.node
@@ -54,6 +59,18 @@ def test_yolov5n_module_groups_depth1(yolo_ws):
     assert set(members) == expected
     # model.24 keeps its three output convolutions (the decode after them stays float)
     assert sorted(groups["model.24"]) == [f"/model.24/m.{i}/Conv" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_yolov5n_every_group_float_is_a_distinct_built_model(yolo_ws):
+    """One model, one trial: keeping any group float changes the built model (before the fold, model.12/16/19/22
+    float built all-INT8's bytes), and no two groups float give the same model."""
+    from sensq.evaluators.scoring import model_hash
+
+    groups = quantizable_groups(yolo_ws, depth=1)
+    hashes = [model_hash(yolo_ws.build())] + [model_hash(yolo_ws.build(yolo_ws.base_plan.with_float(nodes)))
+                                              for nodes in groups.values()]
+    assert len(set(hashes)) == len(hashes) == len(groups) + 1
 
 
 def test_yolov5n_depth2_splits_groups(yolo_ws):

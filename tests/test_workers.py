@@ -24,7 +24,7 @@ from sensq.search import run_search
 from sensq.search import workers
 from sensq.search.coordination import Coordinator, open_storage
 
-from search_helpers import SEED_LABELS, make_tiny, searched, tiny_settings
+from search_helpers import SEED_LABELS, entered, make_tiny, searched, tiny_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = 12
@@ -73,7 +73,7 @@ def _check_study(study: optuna.Study) -> list:
     enqueued = [t.user_attrs.get("label") for t in trials
                 if t.user_attrs.get("source") == "seed" and "retry_of" not in t.user_attrs]
     assert sorted(enqueued) == sorted(SEED_LABELS), trace
-    assert [[r.label for r in recs].count(lab) for lab in SEED_LABELS] == [1, 1, 1, 1], trace
+    assert [[r.label for r in entered(records(study))].count(lab) for lab in SEED_LABELS] == [1, 1, 1, 1], trace
     warm = [t.user_attrs.get("label") for t in trials if t.user_attrs.get("source") == "sensitivity"]
     assert len(warm) == len(set(warm)) > 0, trace  # the leave-one-out entries, once each
     return recs

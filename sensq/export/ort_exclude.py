@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from ..targets import get_target
 
-CONSUMER = "onnxruntime.quantization.quantize_static, onnxruntime 1.20-1.31 (tested 1.31.1), quant_format QDQ"
+CONSUMER = "onnxruntime.quantization.quantize_static, onnxruntime 1.20-1.32 (tested 1.31.1, 1.32.0), quant_format QDQ"
 
 SNIPPET = '''# run in the folder of this file (model_input is relative to it)
 import json

@@ -7,7 +7,9 @@ random  Optuna's RandomSampler on the same space (plus the all-INT8 seed every t
 greedy  AIMET AMP / NNCF accuracy-control style: all-INT8, then the most sensitive group float, then the two most
         sensitive, ... in sensitivity order, every step scored in full.
 A proposal whose plan was already scored is a repeat: told to Optuna as FAIL (so the sampler ignores it), not run,
-not counted; after a few repeats in a row a seeded mutation of a front trial is enqueued instead.
+not counted; after a few repeats in a row a seeded mutation of a front trial is enqueued instead. A new plan that
+builds an already scored model (same bytes) is a repeat too, found after the build: it takes the earlier trial's
+results (told to Optuna, so the sampler learns the region), recorded as `repeat_of`, and is not counted either.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class Proposer:
     def __init__(self, run):
         self.run = run
         self.repeats = 0
+        self.model_repeats = 0  # of those, proposals whose plan was new but built an already scored model
         self.exhausted = False
         self._in_a_row = 0
         self._since_progress = 0
@@ -53,7 +56,7 @@ class Proposer:
     def next(self) -> Proposal | None:
         """The next plan not scored yet (None when the strategy has nothing left, e.g. greedy after every group)."""
         run = self.run
-        while True:
+        while not self.exhausted:
             if run.settings.strategy == "greedy":
                 return self._greedy()
             trial = run.study.ask()
@@ -63,19 +66,28 @@ class Proposer:
             attrs = trial.user_attrs
             earlier = run.scored_plans().get(plan.key())
             if earlier is None:
-                self._in_a_row = self._since_progress = 0
                 return Proposal(trial, plan, choice["float_groups"], attrs.get("source", "search"), attrs.get("label", ""))
             trial.set_user_attr("duplicate_of", earlier)
             run.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            self.repeats += 1
-            self._in_a_row += 1
-            self._since_progress += 1
-            if self._since_progress >= GIVE_UP_AFTER:
-                self.exhausted = True
-                return None
-            if self._in_a_row >= MAX_REPEATS_IN_A_ROW:
-                self._enqueue_mutation()
-                self._in_a_row = 0
+            self.repeated()
+        return None
+
+    def progressed(self) -> None:
+        """A proposal built a model not scored before."""
+        self._in_a_row = self._since_progress = 0
+
+    def repeated(self, model: bool = False) -> None:
+        """A proposal repeated a scored plan (or, `model`, built an already scored model): after a few in a row a
+        mutation is enqueued; after many without progress the space counts as exhausted."""
+        self.repeats += 1
+        self.model_repeats += int(model)
+        self._in_a_row += 1
+        self._since_progress += 1
+        if self._since_progress >= GIVE_UP_AFTER:
+            self.exhausted = True
+        elif self._in_a_row >= MAX_REPEATS_IN_A_ROW:
+            self._enqueue_mutation()
+            self._in_a_row = 0
 
     def _greedy(self) -> Proposal | None:
         run = self.run

@@ -34,10 +34,20 @@ class TrialRecord:
     cost_proxy: float = float("nan")  # what the sampler minimizes (see SearchRun.sampler_cost)
     gbops: float = float("nan")
     seconds: dict = field(default_factory=dict)
+    # the earlier trial whose built model (its bytes: graph and quantization parameters) this plan gives: not scored
+    # again, its measurements are that trial's, and it is neither counted in the budget nor shown as a point
+    repeat_of: int | None = None
 
     @property
     def full(self) -> bool:
-        return self.pruned is None and self.source != "sensitivity" and self.latency is not None and not self.rejected
+        return (self.pruned is None and self.source != "sensitivity" and self.latency is not None and not self.rejected
+                and self.repeat_of is None)
+
+    def copy_measurements(self, earlier: "TrialRecord") -> None:
+        """This plan builds `earlier`'s model: take its measurements, recorded as a repeat of it."""
+        for name in ("structure_key", "fidelity", "metric", "delta_int8", "pruned", "latency", "rejected", "gbops"):
+            setattr(self, name, getattr(earlier, name))
+        self.repeat_of = earlier.number
 
     @property
     def ratio(self) -> float:

@@ -151,7 +151,7 @@ def write_trials_csv(recs: list[TrialRecord], path) -> object:
                     "unfused_q16": (lat.get("fusion") or {}).get("unfused_q16"),
                     "method": r.plan["method"], "per_channel": r.plan["per_channel"],
                     "overflow_fix": r.plan["overflow_fix"], "plan_key": r.plan_key, "structure_key": r.structure_key,
-                    "seconds": sum(r.seconds.values())})
+                    "model_hash": r.model_hash, "repeat_of": r.repeat_of, "seconds": sum(r.seconds.values())})
     pd.DataFrame(out).to_csv(path, index=False)
     return path
 
@@ -166,7 +166,9 @@ def _summary(run, recs, rows, front, rec) -> dict:
     return {
         "metric_name": run.sens.metric_name, "latency_unit": run.backend.unit, "latency_backend": run.backend.spec,
         "target": run.target.name, "machine": run.machine, "strategy": s.strategy, "budget": s.budget,
-        "distinct_plans": len({r.plan_key for r in searched}), "repeats": run.proposer.repeats,
+        "distinct_plans": len({r.plan_key for r in searched if r.repeat_of is None}), "repeats": run.proposer.repeats,
+        # trial -> the earlier trial whose built model it gave (not scored again; its results reused)
+        "model_repeats": {r.number: r.repeat_of for r in searched if r.repeat_of is not None},
         "rejected": {r.number: r.rejected for r in searched if r.rejected},
         "pruned": len(pruned), "prune_alpha": PRUNE_ALPHA,
         "saved_seconds_estimate": len(pruned) * (float(np.mean(full_cost)) if full_cost else 0.0),

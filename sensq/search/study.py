@@ -218,7 +218,7 @@ class SearchRun:
         sensitivity pass are computed once per study and shared through it."""
         s = self.settings
         key = s.study_key(self.ws.stats.key, self.ws.base_plan.key(), Path(self.space.source).read_text(),
-                          evaluator_signature(self.evaluator), self.split.to_dict(), self.backend.spec)
+                          evaluator_signature(self.evaluator), self.split.to_dict(), self.backend.spec, self.groups)
         self.study_name = s.study_name or f"sensq-{Path(self.ws.cfg.model_path).stem}-{key}"
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -298,7 +298,24 @@ class SearchRun:
         return out
 
     def budget_used(self) -> int:
-        return len({r.plan_key for r in self.records() if r.source != "sensitivity"})
+        """Distinct built models scored (a plan that built an earlier trial's model is not counted)."""
+        return len({r.plan_key for r in self.records() if r.source != "sensitivity" and r.repeat_of is None})
+
+    def same_model(self, trial, model_hash: str) -> TrialRecord | None:
+        """The scored trial (not a warm-start entry) that built this very model, else None after claiming the hash
+        for `trial` (study lock); a model another worker is scoring right now is waited for."""
+        while True:
+            with self.coord.lock():
+                earlier = next((r for r in self.records() if r.model_hash == model_hash and r.source != "sensitivity"
+                                and r.repeat_of is None), None)
+                if earlier is not None:
+                    return earlier
+                running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if not any(t.user_attrs.get(workers.MODEL_HASH) == model_hash and t.number != trial.number
+                           for t in running):
+                    trial.set_user_attr(workers.MODEL_HASH, model_hash)
+                    return None
+            time.sleep(workers.POLL_SECONDS)
 
     def trials(self) -> None:
         """Until the study (all its workers together) has scored `budget` distinct plans. Plans other workers are
@@ -350,12 +367,17 @@ class SearchRun:
         rec = self.evaluate_trial.record(p.trial.number, p.plan, p.label, p.source, p.float_groups)
         try:
             with workers.heartbeat(self.study, p.trial):
-                rec = self.evaluate_trial.evaluate(rec, prune=self.settings.strategy != "greedy")
+                rec = self.evaluate_trial.evaluate(rec, prune=self.settings.strategy != "greedy",
+                                                   same_model=lambda h: self.same_model(p.trial, h))
         except BaseException:  # Ctrl-C, SIGTERM, an error: the trial is failed (and retried), never left RUNNING
             self.study.tell(p.trial, state=optuna.trial.TrialState.FAIL)
             raise
         p.trial.set_user_attr(ATTR, rec.to_json())
         p.trial.set_user_attr("label", rec.label)
+        if rec.repeat_of is not None:
+            self.proposer.repeated(model=True)
+        else:
+            self.proposer.progressed()
         if rec.rejected and math.isnan(rec.metric):  # the collapse guard stopped it before scoring: nothing to learn;
             # PRUNED, not FAIL: a failed trial is retried, and this one would be rejected again, forever
             self.study.tell(p.trial, state=optuna.trial.TrialState.PRUNED)

@@ -26,12 +26,21 @@ class TrialEvaluator:
         return TrialRecord(number=number, plan=plan.to_dict(), plan_key=plan.key(), label=label, source=source,
                            float_groups=list(float_groups), cost_proxy=self.run.float_mac_share(plan))
 
-    def evaluate(self, rec: TrialRecord, prune: bool = True) -> TrialRecord:
+    def evaluate(self, rec: TrialRecord, prune: bool = True, same_model=None) -> TrialRecord:
+        """Build, guard, score (low fidelity, then full unless pruned) and time one plan. `same_model(hash)` returns
+        the earlier trial that built the very same model, if any: then nothing is scored again (one model, one trial)."""
         run, split = self.run, self.run.split
         plan = PrecisionPlan.from_dict(rec.plan)
         t0 = time.perf_counter()
         qmodel = run.ws.build(plan)
         rec.model_hash, rec.structure_key = run.hash(qmodel), structure_key(qmodel)
+        earlier = same_model(rec.model_hash) if same_model is not None else None
+        if earlier is not None:
+            rec.copy_measurements(earlier)
+            rec.seconds["build"] = round(time.perf_counter() - t0, 3)
+            log.info("trial %d builds the same model as trial %d: its results are reused, not scored again",
+                     rec.number, earlier.number)
+            return rec
         guard = getattr(run, "guard", None)
         rec.rejected = guard(qmodel, plan) if guard is not None else None
         rec.seconds["build"] = round(time.perf_counter() - t0, 3)

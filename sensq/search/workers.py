@@ -20,6 +20,7 @@ HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 60  # a trial on another host is dead after this long without a heartbeat
 RETRY_OF = "retry_of"  # user attribute of a re-enqueued trial: the number of the trial that died
 PLAN_KEY = "plan_key"  # user attribute of a running trial: the plan it scores (claimed under the study lock)
+MODEL_HASH = "model_hash"  # user attribute of a running trial: the built model it scores (one model, one trial)
 RELEASED = "released"  # user attribute of a trial given back unrun (why), never retried
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks at the trials in flight
 

@@ -1,0 +1,41 @@
+"""sensq builds QDQ graphs with onnxruntime.quantization internals (QDQQuantizer, TensorData/TensorsData, the op
+registries, qdq_quantizer.find_by_name): checked once at import, so an onnxruntime that moved them fails with one
+line naming the supported range instead of an AttributeError deep in a build."""
+from __future__ import annotations
+
+import importlib
+
+SUPPORTED = (">=1.20", "<1.33")  # what the tests run against (oldest pinned, 1.31.1 and 1.32.0); pyproject.toml says the same
+INTERNALS = {
+    "onnxruntime.quantization.qdq_quantizer": ("QDQQuantizer", "find_by_name"),
+    "onnxruntime.quantization.calibrate": ("CalibrationMethod", "TensorData", "TensorsData"),
+    "onnxruntime.quantization.quant_utils": ("QuantType",),
+    "onnxruntime.quantization.registry": ("QDQRegistry", "QLinearOpsRegistry"),
+}
+
+
+def missing_internals() -> list[str]:
+    """Names sensq needs that this onnxruntime lacks (module.attr)."""
+    out = []
+    for module, names in INTERNALS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            out.append(module)
+            continue
+        out += [f"{module}.{n}" for n in names if not hasattr(mod, n)]
+    return out
+
+
+def check_onnxruntime() -> None:
+    import onnxruntime
+
+    from .errors import SensqError
+
+    missing = missing_internals()
+    if missing:
+        raise SensqError(f"onnxruntime {onnxruntime.__version__} lacks {', '.join(missing)}, which sensq builds with",
+                         f"install a supported onnxruntime: pip install 'onnxruntime{','.join(SUPPORTED)}'")
+
+
+check_onnxruntime()
