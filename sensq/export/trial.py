@@ -67,6 +67,8 @@ def trial_data(t: optuna.trial.FrozenTrial) -> dict | None:
         rec = json.loads(raw)
         if rec.get("pruned") is not None or rec.get("source") == "sensitivity" or not rec.get("latency"):
             return None  # scored on part of the search split only (stopped early, or a sensitivity-pass entry)
+        if rec.get("repeat_of") is not None:
+            return None  # builds an earlier trial's model: that trial is the one to export (as records' `full`)
         lat = rec.get("latency") or {}
         return {"plan": rec["plan"], "metric": float(rec["metric"]), "latency": float(lat.get("value", float("nan"))),
                 "unit": lat.get("unit") or "ms", "ratio": lat.get("ratio"), "attrs": rec}
