@@ -110,6 +110,22 @@ class SearchSpace:
         spec = self._group_knob()
         return list(ranked_groups[: int(spec.get("top_k", 12))]) if spec else []
 
+    def distributions(self, ranked_groups: list[str]) -> dict:
+        """Optuna distributions of every parameter this space samples (for trials entered by hand: the warm start)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        out = {}
+        for key, spec in self.params.items():
+            if spec.get("type") == "group_toggles":
+                out.update({f"float:{g}": CategoricalDistribution([False, True]) for g in self.toggled(ranked_groups)})
+            elif spec.get("type") == "group_precision":
+                out.update({f"precision:{g}": CategoricalDistribution(list(spec["choices"])) for g in self.toggled(ranked_groups)})
+            elif spec.get("type") == "categorical":
+                out[key] = CategoricalDistribution(list(spec["choices"]))
+            elif spec.get("type") == "percentile":
+                out["percentile_tail"] = FloatDistribution(100.0 - float(spec["high"]), 100.0 - float(spec["low"]), log=True)
+        return out
+
     def plan(self, ws, groups: dict[str, list[str]], choice: dict):
         """Sampled knobs -> precision plan (float groups added to the base plan's float regions)."""
         float_nodes = [n for g in choice["float_groups"] for n in groups[g]]

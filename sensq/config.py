@@ -103,8 +103,10 @@ class QuantizeConfig:
                 raise SensqError(f"calibration_type {cs.calibration_type} not implemented yet (custom_setting)", f"use one of: {', '.join(METHODS)}")
         if self.placement not in ("auto", "fused", "inputs"):
             raise SensqError(f"placement {self.placement!r} not supported", "use auto, fused or inputs")
-        if self.equalize not in ("none", "exact"):
-            raise SensqError(f"equalize {self.equalize!r} not supported", "use none or exact")
+        from .passes.equalization import EQUALIZE_MODES
+
+        if self.equalize not in EQUALIZE_MODES:
+            raise SensqError(f"equalize {self.equalize!r} not supported", f"use one of: {', '.join(EQUALIZE_MODES)}")
         if self.calibration_step is None or int(self.calibration_step) < 1:
             raise SensqError(f"calibration_step {self.calibration_step} must be >= 1", "set calibration_step to the number of calibration samples to use, e.g. 100")
         self.calibration_step = int(self.calibration_step)

@@ -339,7 +339,7 @@ def setup(progress: bool = True, **options):
         opts["mean"], opts["std"] = cfg.inputs[0].mean_value, cfg.inputs[0].std_value
     if cfg.inputs and is_detector(cfg.model_path):
         opts["detector_preprocess"] = _detector_preprocess_of(cfg.inputs[0])
-    task = opts.get("task") or "auto"
+    task, ws = opts.get("task") or "auto", None
     if opts.get("data") and _kind(opts["data"], task, opts.get("labels")) == "agreement":
         # label-free scoring compares with the FP32 model the search scores, on the calibration's pixels, and
         # leaves the calibration images out itself: calibrate first
@@ -348,10 +348,10 @@ def setup(progress: bool = True, **options):
         opts["reference"] = ws.model
         opts["image_preprocess"] = sources[0].image if sources and not opts.get("detector_preprocess") else None
         opts["calib_files"] = list(sources[0].files[:len(ws.data)]) if sources else None
-        rest = {k: v for k, v in opts.items() if k not in ("task", "model")}
-        return cfg, ws, evaluator_for(task=task, model=cfg.model_path, **rest)
     rest = {k: v for k, v in opts.items() if k not in ("task", "model")}
     evaluator = evaluator_for(task=task, model=cfg.model_path, **rest)
-    # before calibration: given --calib and --data, nothing above checked that they are apart
-    refuse_overlap(cfg, evaluator, bool(options.get("allow_calib_on_eval")))
-    return cfg, prepare(cfg, progress=progress), evaluator
+    if ws is None:
+        # before calibration: given --calib and --data, nothing above checked that they are apart
+        refuse_overlap(cfg, evaluator, bool(options.get("allow_calib_on_eval")))
+        ws = prepare(cfg, progress=progress)
+    return cfg, ws, evaluator

@@ -9,18 +9,14 @@ layer's channels span orders of magnitude (depthwise convs above all).
 Only such pairs are equalized. SiLU and ReLU6 are not homogeneous: equalizing across them (an "approx" mode, tried
 and removed) changed the float model itself - all-INT8 mAP 0.2962 -> 0.0633 on yolov5n and 0.2810 -> 0.0007 on
 YOLOX-Nano, whose channel scales span 100x (bench/bench_ptq.py). So on the shared models only EfficientNet-Lite0's
-two conv -> conv pairs qualify. The pass
-runs before calibration (it changes the activation ranges), so the statistics key follows the equalized model.
+two conv -> conv pairs qualify. The pass runs before calibration (it changes the activation ranges), so the
+statistics key follows the equalized model.
 """
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
-log = logging.getLogger("sensq")
 
 EQUALIZE_MODES = ("none", "exact")
 ITERATIONS = 8  # chains (conv-relu-conv-relu-conv) converge in a few sweeps, as in AIMET

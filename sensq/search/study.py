@@ -267,7 +267,7 @@ class SearchRun:
             self.study.set_user_attr("seeded", self.run_id)
 
     def _add_sensitivity_trials(self, toggled: list[str], defaults: dict, have: set = frozenset()) -> None:
-        dists = self._distributions()
+        dists = self.space.distributions(self.ranked)
         rows = self.sens.table.set_index("group")
         for g in toggled:
             row = rows.loc[g]
@@ -281,21 +281,6 @@ class SearchRun:
                                               values=[rec.delta_int8, rec.cost_proxy],
                                               user_attrs={ATTR: rec.to_json(), "source": "sensitivity", "label": rec.label})
             self.study.add_trial(trial)
-
-    def _distributions(self) -> dict:
-        from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-        out = {}
-        for key, spec in self.space.params.items():
-            if spec.get("type") == "group_toggles":
-                out.update({f"float:{g}": CategoricalDistribution([False, True]) for g in self.space.toggled(self.ranked)})
-            elif spec.get("type") == "group_precision":
-                out.update({f"precision:{g}": CategoricalDistribution(list(spec["choices"])) for g in self.space.toggled(self.ranked)})
-            elif spec.get("type") == "categorical":
-                out[key] = CategoricalDistribution(list(spec["choices"]))
-            elif spec.get("type") == "percentile":
-                out["percentile_tail"] = FloatDistribution(100.0 - float(spec["high"]), 100.0 - float(spec["low"]), log=True)
-        return out
 
     def budget_used(self) -> int:
         """Distinct built models scored (a plan that built an earlier trial's model is not counted)."""
