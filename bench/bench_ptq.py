@@ -126,6 +126,13 @@ def time_rounds(sessions: dict, feed: dict, rounds: int, runs: int = 5) -> dict:
     return per
 
 
+def int8_head(ws):
+    """The default plan with the detector's head layers INT8 (--head-layers int8; sensq's default before them)."""
+    from sensq.plan import PrecisionPlan
+
+    return PrecisionPlan.from_dict({**ws.base_plan.to_dict(), "float_nodes": sorted(set(ws.base_plan.float_nodes) - ws.head_layers)})
+
+
 def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
     import onnx
 
@@ -149,6 +156,10 @@ def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
                           if cfg.inputs[0].preprocess_file == "IMAGENET" else {}))
     rows = {"FP32 (ORT)": ("ort", lambda: fp32), "FP32 (OpenVINO)": ("ov", lambda: fp32),
             "sensq default (ORT)": ("ort", lambda: ws.build()),
+            "sensq --head-layers int8 (ORT)": ("ort", lambda: ws.build(int8_head(ws))),
+            "sensq + --rounding learned (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], rounding="learned"))),
+            "sensq --activation-type int16 (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], activation_type="int16"))),
+            "sensq --activation-type int16 (OpenVINO)": ("ov", lambda: ws.build(ws.base_plan.with_float([], activation_type="int16"))),
             "sensq --placement fused (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], placement=None, depthwise_per_channel=None))),
             "sensq --placement inputs (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], placement="inputs", depthwise_per_channel=True))),
             "sensq + fast bias correction (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], bias_correction="fast"))),
@@ -186,10 +197,12 @@ def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
             continue
         ref = "FP32 (ORT)" if rt == "ort" else "FP32 (OpenVINO)"
         d = boot.difference(results[label].samples, results[ref].samples)
+        dd = boot.difference(results[label].samples, results["sensq default (ORT)"].samples)
         ratios = np.array(times[label]) / np.array(times[ref])
         out.append({"model": name, "row": label, "runtime": "onnxruntime" if rt == "ort" else "openvino",
                     "metric": results[label].metrics[ev.primary], "metric_name": ev.primary,
                     "diff_fp32": d.value, "diff_lo": d.lo, "diff_hi": d.hi,
+                    "diff_default": dd.value, "diff_default_lo": dd.lo, "diff_default_hi": dd.hi,
                     "ratio": float(np.median(ratios)), "ratio_q1": float(np.percentile(ratios, 25)),
                     "ratio_q3": float(np.percentile(ratios, 75)), "ms": float(np.median(times[label]) * 1e3),
                     "build_s": seconds[label] + (sensq_seconds if label.startswith("sensq default") else 0.0),
@@ -216,13 +229,15 @@ def main():
             rows += bench_model(m, args.calib, args.rounds, Path(tmp))
     print(f"\nonnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}, nncf {nncf.__version__}; "
           f"{args.calib} calibration images; latency: {args.rounds} interleaved rounds, ratio to the same runtime's FP32")
-    print(f"| model | row | metric | diff to FP32 [95 %] | latency ratio [IQR] | ms |\n|---|---|---|---|---|---|")
+    print(f"| model | row | metric | diff to FP32 [95 %] | diff to sensq default [95 %] | latency ratio [IQR] | ms | build s |\n"
+          f"|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "failed" in r:
-            print(f"| {r['model']} | {r['row']} | failed: {r['failed'][:80]} | | | |")
+            print(f"| {r['model']} | {r['row']} | failed: {r['failed'][:80]} | | | | | |")
             continue
         print(f"| {r['model']} | {r['row']} | {r['metric']:.4f} | {r['diff_fp32']:+.4f} [{r['diff_lo']:+.4f}, "
-              f"{r['diff_hi']:+.4f}] | {r['ratio']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {r['ms']:.1f} |")
+              f"{r['diff_hi']:+.4f}] | {r['diff_default']:+.4f} [{r['diff_default_lo']:+.4f}, {r['diff_default_hi']:+.4f}] | "
+              f"{r['ratio']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {r['ms']:.1f} | {r['build_s']:.1f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("ptq.json" if args.models == list(MODELS) else f"ptq_{'_'.join(args.models)}.json")
     out.write_text(json.dumps({"versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,

@@ -189,7 +189,8 @@ def region_outputs(model: onnx.ModelProto, float_nodes=()) -> list[str]:
 
     For a YOLOv5 whose decode is kept float these are the three detection convs' outputs (/model.24/m.{0,1,2}/Conv),
     i.e. box, objectness and class logits on their own scale, instead of decoded boxes in pixels (0-640) that
-    outweigh the class scores in 1x25200x85.
+    outweigh the class scores in 1x25200x85. (Those convs are float head layers by default; callers pass the float
+    nodes without them, Workspace.probe_float_nodes, so that the error is read after them.)
     """
     tail = float_tail(model, float_nodes)
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -209,7 +210,7 @@ class RegionErrorProbe:
     The float reference is computed once; each call runs one QDQ model. What a QDQ model's consumers see of a
     tensor is its dequantized value, so a tensor quantized in that model is read after its DequantizeLinear.
 
-        probe = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(8))
+        probe = RegionErrorProbe(ws.builder.model, ws.probe_float_nodes(), ws.samples(8))
         probe(ws.build(plan))  # {"Output SNR": ..., "Output SQNR_dB": ..., "Output Cosine": ..., "per_tensor": {...}}
     """
 

@@ -20,7 +20,7 @@ import yaml
 from sensq.errors import SensqError
 
 HERE = Path(__file__).parent
-PLAN_FIELDS = {"method", "per_channel", "activation_type", "target", "overflow_fix"}
+PLAN_FIELDS = {"method", "per_channel", "activation_type", "target", "overflow_fix", "rounding"}
 
 
 @dataclass

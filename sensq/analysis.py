@@ -83,7 +83,7 @@ def isolated_report(ws, out_prefix: str | Path, plan: PrecisionPlan | None = Non
     plan = plan or ws.base_plan
     feeds = ws.samples(n_samples)
     units = layer_error.compute_units(ws.graph, plan, by=by, depth=depth)
-    tensors = layer_error.region_outputs(ws.builder.model, plan.float_nodes)
+    tensors = layer_error.region_outputs(ws.builder.model, ws.probe_float_nodes(plan))
     t = time.perf_counter()
     df = layer_error.isolated_errors(ws.builder, plan, units, feeds, ws.builder.model, progress=progress, tensors=tensors)
     seconds = time.perf_counter() - t

@@ -29,6 +29,8 @@ from onnxruntime.quantization.quant_utils import QuantType
 from . import ranges as range_methods
 from .errors import SensqError
 from .passes.bias_correction import correct_biases
+from .passes.learned_rounding import apply_rounding
+from .passes.rounding_stages import RoundingSource
 from .passes.weight_clipping import clip_weights_mse
 from .passes.depthwise_inputs import quantize_depthwise_inputs_per_channel
 from .plan import PrecisionPlan
@@ -200,6 +202,7 @@ class QDQBuilder:
         self.io_tensors = graph_inputs | {o.name for o in self.model.graph.output}
         self.depthwise = depthwise_inputs(self.model)
         self._opset21: onnx.ModelProto | None = None
+        self.rounding: RoundingSource | None = None  # set by quantize.prepare: samples for rounding="learned"
 
     def _model_at_opset21(self) -> onnx.ModelProto:
         """The prepared model converted to opset 21 (once), where QuantizeLinear/DequantizeLinear take 16-bit types."""
@@ -323,6 +326,11 @@ class QDQBuilder:
                 raise SensqError("fast bias correction needs conv-input means, which these statistics lack",
                                  "recalibrate (delete the statistics cache) or drop --bias-correction")
             correct_biases(out, self.model, self.stats.means)
+        if plan.rounding == "learned":  # after the corrections: it starts from the model they made
+            if self.rounding is None:
+                raise SensqError("learned rounding needs calibration samples, which this builder was not given",
+                                 "build through sensq.quantize.prepare(), or drop --rounding learned")
+            apply_rounding(out, self.model, self.rounding.result_for(self, plan))
         return out
 
     def build_to(self, plan: PrecisionPlan, path: str | Path) -> onnx.ModelProto:

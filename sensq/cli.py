@@ -57,6 +57,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--weight-range", choices=["minmax", "mse"],
                    help="conv weight scales: minmax (onnxruntime's, default) or mse (per-channel clipping ratio with "
                         "the smallest squared weight error)")
+    q.add_argument("--rounding", choices=["nearest", "learned"],
+                   help="conv weight rounding: nearest (default) or learned = weights and bias fitted, stage by stage, "
+                        "to reproduce the FP32 conv outputs from the quantized model's own inputs on calibration images "
+                        "(GPTQ-style, no labels; minutes, cached; see docs/benchmarks.md)")
+    q.add_argument("--rounding-budget", type=float, metavar="SECONDS",
+                   help="time learned rounding may take (default 900); convs it does not reach keep nearest rounding")
     q.add_argument("--equalize", choices=["none", "exact"],
                    help="cross-layer equalization before calibration (Nagel et al. 2019): exact = conv pairs joined by "
                         "ReLU or nothing (the float model's function is unchanged; SiLU / ReLU6 pairs are left alone). Default none (see docs/benchmarks.md)")
@@ -64,6 +70,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--float-nodes", nargs="+", metavar="NODE", help="node names kept float")
     q.add_argument("--float-op-types", nargs="+", metavar="OP", help="op types kept float (e.g. Sigmoid Mul)")
     q.add_argument("--no-auto-head", action="store_true", help="do not keep a recognised detector decode head float")
+    q.add_argument("--head-layers", choices=["float", "int8"],
+                   help="a recognised detector's head layers (the convs feeding its float decode): float (default: their "
+                        "outputs mix box offsets and class logits under one INT8 scale) or int8 (faster, less accurate)")
     q.add_argument("--seed", type=int, help="seed for data-free inputs, splits and search (default 0)")
 
 

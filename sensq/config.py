@@ -85,10 +85,14 @@ class QuantizeConfig:
     placement: str = "auto"
     bias_correction: str | None = None  # "fast" (passes/bias_correction.py)
     weight_range: str | None = None  # "mse" (passes/weight_clipping.py); None: min/max
+    rounding: str | None = None  # "learned" (passes/learned_rounding.py); None: nearest
+    rounding_budget: float = 900.0  # seconds learned rounding may take; convs it does not reach keep nearest
     equalize: str = "none"  # cross-layer equalization before calibration: none | exact (passes/equalization.py)
     float_nodes: list[str] = field(default_factory=list)
     float_op_types: list[str] = field(default_factory=list)
     auto_float_head: bool = True
+    # a detector's head layers (the convs feeding the float decode): float (default) or int8 (sensq/heads.py)
+    head_layers: str = "float"
     data_free: bool = False
     seed: int = 0
     cache_dir: str | None = None
@@ -98,6 +102,14 @@ class QuantizeConfig:
         if self.calibration_type not in METHODS:
             raise SensqError(f"calibration_type {self.calibration_type} not implemented yet", f"use one of: {', '.join(METHODS)}")
         self.max_percentile = normalize_percentile(float(self.max_percentile))
+        if self.rounding == "nearest":
+            self.rounding = None
+        if self.rounding not in (None, "learned"):
+            raise SensqError(f"rounding {self.rounding!r} not supported", "use nearest or learned")
+        if not self.rounding_budget > 0:
+            raise SensqError(f"rounding_budget {self.rounding_budget} must be positive", "give seconds, e.g. --rounding-budget 600")
+        if self.head_layers not in ("float", "int8"):
+            raise SensqError(f"head_layers {self.head_layers!r} not supported", "use float or int8")
         for cs in self.custom_setting:
             if cs.calibration_type and cs.calibration_type not in METHODS:
                 raise SensqError(f"calibration_type {cs.calibration_type} not implemented yet (custom_setting)", f"use one of: {', '.join(METHODS)}")
@@ -178,6 +190,7 @@ class QuantizeConfig:
                 "overflow_fix": self.overflow_fix, "placement": self.placement,
                 "bias_correction": self.bias_correction, "equalize": self.equalize, "weight_range": self.weight_range,
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types, "auto_float_head": self.auto_float_head,
+                "head_layers": self.head_layers, "rounding": self.rounding, "rounding_budget": self.rounding_budget,
             },
         }
 
@@ -188,7 +201,8 @@ _SECTION_KEYS = {
                                "input_parameters", "data_free", "seed"},
     "quantization_parameters": {"analysis_enable", "precision_level", "finetune_level", "max_percentile", "custom_setting",
                                 "truncate_var_names", "target", "activation_type", "per_channel", "overflow_fix", "float_nodes",
-                                "float_op_types", "auto_float_head", "placement", "bias_correction", "equalize", "weight_range"},
+                                "float_op_types", "auto_float_head", "placement", "bias_correction", "equalize", "weight_range",
+                                "head_layers", "rounding", "rounding_budget"},
 }
 
 
@@ -249,7 +263,8 @@ def config_from_dict(data: dict, base_dir: str | Path = ".") -> QuantizeConfig:
         placement=qp.get("placement", "auto"), bias_correction=qp.get("bias_correction"),
         equalize=qp.get("equalize", "none"), weight_range=qp.get("weight_range"), float_nodes=list(qp.get("float_nodes", []) or []),
         float_op_types=list(qp.get("float_op_types", []) or []), auto_float_head=bool(qp.get("auto_float_head", True)),
-        base_dir=str(base_dir),
+        head_layers=qp.get("head_layers", "float"), rounding=qp.get("rounding"),
+        rounding_budget=float(qp.get("rounding_budget", 900.0)), base_dir=str(base_dir),
     )
     return QuantizeConfig(**kwargs)
 

@@ -127,7 +127,8 @@ def apply_default_preprocessing(cfg) -> None:
 def build_config(config=None, model=None, calib=None, calib_step=None, file_type=None, preset=None, mean=None,
                  std=None, color=None, data_free=False, skip_simplify=False, cache_dir=None, method=None,
                  percentile=None, target=None, activation_type=None, per_tensor=False, overflow_fix=None, placement=None,
-                 bias_correction=None, equalize=None, weight_range=None,
+                 bias_correction=None, equalize=None, weight_range=None, head_layers=None, rounding=None,
+                 rounding_budget=None,
                  truncate=None, float_nodes=None, float_op_types=None, no_auto_head=False, seed=None, **_ignored):
     """A QuantizeConfig from an xquant-style JSON (optional) overridden by the given options (the CLI's names)."""
     from .config import InputParams, config_from_dict, load_config
@@ -150,7 +151,8 @@ def build_config(config=None, model=None, calib=None, calib_step=None, file_type
     simple = {"calibration_step": calib_step, "calibration_type": method, "target": target,
               "activation_type": activation_type, "cache_dir": cache_dir, "seed": seed, "overflow_fix": overflow_fix,
               "placement": placement, "bias_correction": None if bias_correction == "none" else bias_correction,
-              "equalize": equalize, "weight_range": None if weight_range == "minmax" else weight_range}
+              "equalize": equalize, "weight_range": None if weight_range == "minmax" else weight_range,
+              "head_layers": head_layers, "rounding": rounding, "rounding_budget": rounding_budget}
     for name, value in simple.items():
         if value is not None:
             setattr(cfg, name, value)

@@ -9,6 +9,10 @@ from .plan import PrecisionPlan
 GUARD_SAMPLES = 4
 GUARD_FACTOR = 3.0  # output NSR above 3x all-INT8's ...
 GUARD_FLOOR = 0.02  # ... and above all-INT8's + 0.02 (tiny NSRs differ by large factors through noise)
+# Knobs are screened only near collapse: all-INT8 NSR above 3x the default's and the default's + 0.2. Collapsed
+# knobs sit far above it (YOLOX-Nano per-tensor: 1.14 vs 0.18), while legitimate but worse methods can be 4x a
+# small default (yolov5n minmax 0.087, kl 0.081 vs 0.021 with its head layers float) and must still be scored.
+KNOB_FLOOR = 0.2
 
 
 class PlanGuard:
@@ -24,7 +28,7 @@ class PlanGuard:
         from .evaluators.layer_error import RegionErrorProbe
 
         self.ws = ws
-        self.probe = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(samples))
+        self.probe = RegionErrorProbe(ws.builder.model, ws.probe_float_nodes(), ws.samples(samples))
         self._reference: dict[str, float] = {}  # counterpart plan key -> its output NSR
         self.base = self.reference(ws.base_plan)
 
@@ -47,10 +51,11 @@ class PlanGuard:
     def __call__(self, qmodel, plan: PrecisionPlan | None = None) -> str | None:
         plan = plan or self.ws.base_plan
         base = self.reference(plan)
-        if base > self.limit(self.base):
+        screen = max(GUARD_FACTOR * self.base, self.base + KNOB_FLOOR)
+        if base > screen:
             return (f"knob screen: with method={plan.method}, per_channel={plan.per_channel}, overflow_fix="
                     f"{plan.overflow_fix} all-INT8 itself has output NSR {base:.4f} on {len(self.probe.feeds)} "
-                    f"calibration samples against the default's {self.base:.4f} (limit {self.limit(self.base):.4f}): "
+                    f"calibration samples against the default's {self.base:.4f} (limit {screen:.4f}): "
                     f"not scored (on YOLOX-Nano minmax or per-tensor score mAP 0.002-0.008)")
         if plan is not self.ws.base_plan and plan.key() == self.counterpart(plan).key():
             return None  # all-INT8 under its own knobs: nothing it could be compared with

@@ -97,6 +97,17 @@ def _name_reason(kind: str, module: str, n_convs: int, graph: Graph, region: set
             "Q/DQ) and the final Concat of pixel corners, scores and class indices stay float")
 
 
+HEAD_LAYERS_REASON = (
+    "detector head layers ({n} convs feeding the float decode): one INT8 scale for their outputs rounds box offsets, "
+    "objectness and class logits together just before they are dequantized (yolov5n: +0.0073 mAP50-95 [+0.0036, "
+    "+0.0121] kept float, docs/benchmarks.md); --head-layers int8 quantizes them")
+
+
+def head_layer_nodes(graph: Graph, head: HeadInfo) -> set[str]:
+    """The learned layers whose outputs the decode tail reads (the head's cut tensors' producers)."""
+    return {graph.producer[t].name for t in head.cut_tensors if t in graph.producer}
+
+
 # ----------------------------------------------------------------------------------------------- graph structure
 def _constant_tensors(graph: Graph) -> set[str]:
     return graph.initializers | {o for n in graph.nodes.values() if n.op_type == "Constant" for o in n.output}

@@ -29,6 +29,7 @@ class PrecisionPlan:
     depthwise_per_channel: bool | None = None  # depthwise conv inputs per channel; None: the target's default
     bias_correction: str | None = None  # "fast": biases absorb the weight-rounding mean shift (passes/bias_correction.py)
     weight_range: str | None = None  # "mse": per-channel MSE clipping of conv weights (passes/weight_clipping.py)
+    rounding: str | None = None  # "learned": conv weights and biases fitted to FP32 outputs (passes/learned_rounding.py)
     # provenance for humans (why nodes are float); not used by the builder
     notes: list[str] = field(default_factory=list)
 
@@ -50,6 +51,12 @@ class PrecisionPlan:
             from .errors import SensqError
 
             raise SensqError(f"weight_range {self.weight_range!r} not supported", "use mse, or leave it unset (min/max)")
+        if self.rounding == "nearest":
+            self.rounding = None
+        if self.rounding not in (None, "learned"):
+            from .errors import SensqError
+
+            raise SensqError(f"rounding {self.rounding!r} not supported", "use nearest or learned")
         if self.placement is not None and self.placement not in PLACEMENTS:
             from .errors import SensqError
 
@@ -70,7 +77,7 @@ class PrecisionPlan:
     def key(self) -> str:
         d = self.to_dict()
         d.pop("notes")
-        for k in ("placement", "depthwise_per_channel", "bias_correction", "weight_range"):  # unset knobs keep the keys plans had before they existed
+        for k in ("placement", "depthwise_per_channel", "bias_correction", "weight_range", "rounding"):  # unset knobs keep the keys plans had before they existed
             if d[k] is None:
                 d.pop(k)
         if not d["a16_nodes"]:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import onnx
 
-from .build import QDQBuilder, write_model
+from .build import QDQBuilder, RoundingSource, write_model
 from .config import QuantizeConfig
 from .data import SyntheticData, build_calibration_data
 from .errors import SensqError
-from .heads import HeadInfo, confirm_head, detect_head
+from .heads import HEAD_LAYERS_REASON, HeadInfo, confirm_head, detect_head, head_layer_nodes
 from .locks import file_lock
 from .model import Graph, load_model, shield_float_nodes, simplify, truncation_region
+from .passes.rounding_stages import ROUNDING_SAMPLES
 from .plan import PrecisionPlan
 from .statistics import CalibrationStats, collect, stats_key
 
@@ -48,6 +49,12 @@ class Workspace:
     stats_cached: bool = False
     calibration_seconds: float = 0.0
     data: object = None  # the calibration samples (CalibrationData or SyntheticData), re-read for analysis
+    head_layers: set[str] = field(default_factory=set)  # a detector's head layers kept float (--head-layers float)
+
+    def probe_float_nodes(self, plan: PrecisionPlan | None = None) -> list[str]:
+        """Where error probes measure: at the inputs of the plan's float nodes other than the head layers, which
+        carry the quantized features' error, float, into the decode (measuring before them would miss it)."""
+        return sorted(set((plan or self.base_plan).float_nodes) - self.head_layers)
 
     def samples(self, n: int) -> list[dict]:
         """The first n calibration samples as feed dicts (analysis runs on these, as xquant's report does)."""
@@ -111,6 +118,9 @@ def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | No
         extra = head.float_nodes - covered
         if extra:
             reasons[head.reason] = sorted(extra)
+        layers = head_layer_nodes(graph, head) - covered if cfg.head_layers == "float" else set()
+        if layers:
+            reasons[HEAD_LAYERS_REASON.format(n=len(layers))] = sorted(layers)
     for i, cs in enumerate(cfg.custom_setting):
         nodes = set(cs.node_names) if cs.node_names else graph.subgraph(cs.input_names, cs.output_names)
         missing = [n for n in nodes if n not in graph.nodes]
@@ -145,7 +155,7 @@ def resolve_float_regions(cfg: QuantizeConfig, graph: Graph, head: HeadInfo | No
                          float_nodes=float_nodes, tensor_overrides=overrides, target=cfg.target,
                          activation_type=cfg.activation_type, overflow_fix=cfg.overflow_fix,
                          placement=None if cfg.placement in ("auto", "fused") else cfg.placement,
-                         bias_correction=cfg.bias_correction, weight_range=cfg.weight_range,
+                         bias_correction=cfg.bias_correction, weight_range=cfg.weight_range, rounding=cfg.rounding,
                          notes=[f"{len(v)} node(s) float: {k}" for k, v in reasons.items()])
     return plan, reasons
 
@@ -212,6 +222,10 @@ def prepare(cfg: QuantizeConfig, progress: bool = True) -> Workspace:
         plan.notes.append(f"cross-layer equalization ({cfg.equalize}) applied to the float model before calibration")
     builder = QDQBuilder(model, stats, range_cache=cache_dir(cfg) / "stats" / f"{stats.key}.ranges.json")
     ws = Workspace(cfg, model, graph, head, stats, builder, plan, reasons, cached, seconds, data)
+    if head is not None and cfg.auto_float_head and cfg.head_layers == "float":
+        ws.head_layers = head_layer_nodes(graph, head) & set(plan.float_nodes)
+    builder.rounding = RoundingSource(lambda: ws.samples(ROUNDING_SAMPLES), set(plan.float_nodes), cfg.rounding_budget,
+                                      cache_dir(cfg) / "stats", progress)
     if cfg.placement == "auto":
         from .recipe import choose_placement
 

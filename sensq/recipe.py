@@ -31,7 +31,7 @@ def choose_placement(ws) -> PrecisionPlan:
     target = get_target(plan.target, plan.activation_type)
     if target.no_output_quantization or plan.placement is not None or ws.cfg.data_free or ws.data is None:
         return plan  # the target already places on inputs, the user chose, or no real data to judge on
-    probe = RegionErrorProbe(ws.builder.model, plan.float_nodes, ws.samples(GUARD_SAMPLES))
+    probe = RegionErrorProbe(ws.builder.model, ws.probe_float_nodes(plan), ws.samples(GUARD_SAMPLES))
     inputs = plan.with_float([], placement="inputs", depthwise_per_channel=True)
     fused_nsr, inputs_nsr = probe(ws.build(plan))["Output SNR"], probe(ws.build(inputs))["Output SNR"]
     detail = f"output NSR on {len(probe.feeds)} calibration samples: fused {fused_nsr:.4f}, inputs-only {inputs_nsr:.4f}"

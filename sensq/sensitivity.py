@@ -132,7 +132,7 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
 
     from .evaluators.layer_error import RegionErrorProbe
 
-    probe = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(proxy_samples))
+    probe = RegionErrorProbe(ws.builder.model, ws.probe_float_nodes(), ws.samples(proxy_samples))
     quantizable = {n for nodes in groups.values() for n in nodes}
     rows = {}
     for g, nodes in tqdm(groups.items(), desc="sensitivity: proxy", unit="group", disable=not progress, leave=False):

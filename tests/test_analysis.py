@@ -247,16 +247,18 @@ def test_isolated_error_is_measured_where_the_quantized_region_ends(ws):
 
 
 def test_yolov5n_region_outputs_are_the_decode_inputs(yolov5n, coco_dir):
-    """yolov5n with its decode float: the quantized region ends at the three detection convs (box/objectness/class
-    logits), not at the decoded 1x25200x85 output whose box pixels (0-640) would outweigh the class scores."""
+    """yolov5n with its decode float: errors are measured at the three detection convs' outputs (box/objectness/class
+    logits; the convs are float head layers, so they carry the features' error there), not at the decoded 1x25200x85
+    output whose box pixels (0-640) would outweigh the class scores."""
     from sensq.config import InputParams, QuantizeConfig
     from sensq.quantize import prepare
 
     ws = prepare(QuantizeConfig(onnx_model=str(yolov5n), calibration_step=2,
                                 inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))]), progress=False)
-    tensors = region_outputs(ws.builder.model, ws.base_plan.float_nodes)
+    assert ws.head_layers == {f"/model.24/m.{i}/Conv" for i in range(3)} <= set(ws.base_plan.float_nodes)
+    tensors = region_outputs(ws.builder.model, ws.probe_float_nodes())
     assert tensors == [f"/model.24/m.{i}/Conv_output_0" for i in range(3)]
-    got = RegionErrorProbe(ws.builder.model, ws.base_plan.float_nodes, ws.samples(1))(ws.build())
+    got = RegionErrorProbe(ws.builder.model, ws.probe_float_nodes(), ws.samples(1))(ws.build())
     assert set(got["per_tensor"]) == set(tensors)
     assert all(0 < v < 1 for v in got["per_tensor"].values()) and 0 < got["Output SNR"] < 1
 
