@@ -80,10 +80,12 @@ class _MachineLock:
 
     @contextlib.contextmanager
     def hold(self, lock_dir, exclusive: bool):
-        try:
-            import fcntl
-        except ImportError:  # Windows: no cross-process coordination
-            yield
+        from ..locks import fcntl_module
+
+        fcntl = fcntl_module()
+        if fcntl is None:  # Windows: filelock's exclusive lock for both kinds (evaluations then take turns)
+            with self._exclusive_fallback(lock_dir):
+                yield
             return
         want = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         with self.local:
@@ -112,12 +114,33 @@ class _MachineLock:
                     self.mode = previous
 
 
+    @contextlib.contextmanager
+    def _exclusive_fallback(self, lock_dir):
+        from filelock import FileLock
+
+        with self.local:
+            if self.depth == 0:
+                root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
+                root.mkdir(parents=True, exist_ok=True)
+                self.file = FileLock(str(root / "latency.lock"), is_singleton=False)
+                self.file.acquire()
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    self.file.release()
+                    self.file = None
+
+
 _LOCK = _MachineLock()
 
 
 def measurement_lock(lock_dir: str | Path | None = None):
     """Exclusive hold on this machine for the duration of a timing: no other sensq process times or evaluates
-    meanwhile (a no-op where fcntl is unavailable). Re-entrant within a process."""
+    meanwhile (where fcntl is unavailable, filelock's exclusive lock serves timings and evaluations alike).
+    Re-entrant within a process."""
     return _LOCK.hold(lock_dir, exclusive=True)
 
 
