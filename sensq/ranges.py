@@ -154,7 +154,8 @@ def kl_threshold(st: TensorStats, target_bins: int = 128, max_bins: int = 2048, 
     counts = st.absolute()
     # Exact zeros (ReLU/ReLU6 outputs: often half the values) are representable on every grid and cost nothing;
     # left in, their spike makes the tiniest thresholds look best (EfficientNet-Lite0: ReLU6 clipped at ~1.0).
-    counts[0] = 0
+    # Only they leave: the tiny non-zero values sharing bin 0 (width absmax/4096 or more) stay, as in TensorRT.
+    counts[0] = max(counts[0] - st.zeros, 0.0)
     width = st.bin_width
     nz = np.nonzero(counts)[0]
     if nz.size == 0:

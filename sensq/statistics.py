@@ -31,7 +31,7 @@ from .errors import SensqError
 
 BINS_PER_SIGN = 4096
 SAMPLE_CAP = 1 << 16
-CACHE_VERSION = 4  # 2: sample stride coprime with the size; 3: per-channel min/max of depthwise-conv inputs; 4: + means of conv inputs
+CACHE_VERSION = 5  # 2: sample stride coprime with the size; 3: per-channel min/max of depthwise-conv inputs; 4: + means of conv inputs; 5: + exact zeros
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TensorStats:
     scale: float = 0.0  # R: histogram covers |x| in [0, R)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(2 * BINS_PER_SIGN, np.int64))
     count: int = 0  # values seen (not subsampled)
+    zeros: int = 0  # exact zeros among the histogrammed values (they sit in bin 0 with the tiny non-zero ones)
 
     def update(self, x: np.ndarray) -> None:
         flat = x.reshape(-1)
@@ -71,6 +72,7 @@ class TensorStats:
         np.minimum(idx, BINS_PER_SIGN - 1, out=idx)
         idx += (flat < 0) * np.int32(BINS_PER_SIGN)
         self.hist += np.bincount(idx, minlength=2 * BINS_PER_SIGN)
+        self.zeros += int(np.count_nonzero(flat == 0))
 
     def _double(self) -> None:
         h = BINS_PER_SIGN
@@ -136,6 +138,7 @@ class CalibrationStats:
             "scale": np.array([self.tensors[n].scale for n in names], np.float64),
             "count": np.array([self.tensors[n].count for n in names], np.int64),
             "hist": np.stack([self.tensors[n].hist for n in names]) if names else np.zeros((0, 2 * BINS_PER_SIGN), np.int64),
+            "zeros": np.array([self.tensors[n].zeros for n in names], np.int64),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -145,7 +148,7 @@ class CalibrationStats:
         np.savez_compressed(tmp, meta=json.dumps({"key": self.key, "n_samples": self.n_samples, "version": CACHE_VERSION,
                                                   "channels": list(self.channels), "means": list(self.means)}),
                             names=np.array(names), minmax=arr["minmax"], scale=arr["scale"], count=arr["count"], hist=arr["hist"],
-                            **channels)
+                            zeros=arr["zeros"], **channels)
         tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache
 
     @classmethod
@@ -153,8 +156,9 @@ class CalibrationStats:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             tensors = {
-                str(n): TensorStats(min=float(mm[0]), max=float(mm[1]), scale=float(s), hist=h.astype(np.int64), count=int(c))
-                for n, mm, s, c, h in zip(z["names"], z["minmax"], z["scale"], z["count"], z["hist"])
+                str(n): TensorStats(min=float(mm[0]), max=float(mm[1]), scale=float(s), hist=h.astype(np.int64), count=int(c),
+                                    zeros=int(k))
+                for n, mm, s, c, h, k in zip(z["names"], z["minmax"], z["scale"], z["count"], z["hist"], z["zeros"])
             }
             channels = {t: (z[f"ch_lo_{i}"], z[f"ch_hi_{i}"]) for i, t in enumerate(meta.get("channels", []))}
             means = {t: z[f"mean_{i}"] for i, t in enumerate(meta.get("means", []))}

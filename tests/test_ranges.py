@@ -230,16 +230,17 @@ def test_kl_clips_a_far_outlier():
     assert np.percentile(block, 99.0) <= hi < 0.25 * st.max
 
 
-def kl_by_brute_force(st: TensorStats, target_bins: int) -> tuple[dict[int, float], float]:
+def kl_by_brute_force(st: TensorStats, target_bins: int, zeros: int | None = None) -> tuple[dict[int, float], float]:
     """TensorRT's entropy calibration written out loop by loop: KL(P || Q) for every threshold of i bins.
 
-    The |x| histogram without its zero bin (ReLU zeros are exact on any grid), trimmed after its last non-empty bin
+    The |x| histogram without its exact zeros (ReLU zeros are exact on any grid; `zeros` of them, counted here from
+    the data by the caller, default st.zeros), trimmed after its last non-empty bin
     and merged to at most 2048 bins; P = the first i bins with everything beyond folded into bin i-1; Q = the first
     i bins merged into target_bins chunks, each chunk's count spread evenly over its bins where P is non-zero.
     Returns ({i: KL}, bin width).
     """
     counts = st.absolute()
-    counts[0] = 0
+    counts[0] -= st.zeros if zeros is None else zeros
     counts = counts[: np.nonzero(counts)[0][-1] + 1]
     width = st.bin_width
     factor = -(-len(counts) // 2048)
@@ -278,6 +279,22 @@ def test_kl_threshold_matches_brute_force(grid, target_bins):
     lo, hi = compute_range(st, "kl", grid)
     assert round(hi / width) == min(candidates, key=kl.get)
     assert lo == (-hi if grid.symmetric else max(-hi, st.min))
+
+
+def test_kl_removes_exact_zeros_only_not_the_tiny_values_sharing_their_bin():
+    """A ReLU-like tensor: 40 % exact zeros and 30 % tiny positive values inside histogram bin 0. TensorRT's
+    calibrator drops only the zeros; zeroing bin 0 whole (sensq before) also dropped the tiny values and chose
+    another threshold."""
+    rng = np.random.default_rng(4)
+    x = np.abs(rng.standard_t(3, size=60000)).astype(np.float32)
+    x[:24000] = 0.0
+    x[24000:42000] = rng.uniform(0, 0.9, 18000).astype(np.float32) * np.float32(max(x.max(), 1.0) / 16384)
+    st = stats(x)
+    assert st.zeros == 24000 and st.absolute()[0] >= 24000 + 17000
+    kl, width = kl_by_brute_force(st, 128, zeros=int(np.count_nonzero(x == 0)))
+    assert kl_threshold(st, max_candidates=10**6) == pytest.approx(min(kl, key=kl.get) * width)
+    old, _ = kl_by_brute_force(st, 128, zeros=int(st.absolute()[0]))  # bin 0 zeroed whole
+    assert min(old, key=old.get) != min(kl, key=kl.get)
 
 
 def test_kl_keeps_a_uniform_range():
