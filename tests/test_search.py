@@ -122,6 +122,35 @@ def test_pruning_decision_is_reproduced_by_hand_from_per_sample_values():
     assert prune_decision(plan, MeanSamples(idx, {"m": bad}, "m"), [(8, slower, lambda: s_good)], boot) is None
 
 
+def test_a_float_subset_measured_slower_does_not_prune():
+    """Fewer float nodes is not always faster (a Q/DQ island between float neighbours costs conversions): a
+    dominator whose measured latency is above the trial's never stops it; measured faster (or unmeasured) it does.
+    The structural rule also requires the same placement and 16-bit groups."""
+    rng = np.random.default_rng(8)
+    idx = np.arange(30)
+    good = rng.normal(0.0, 1.0, 30)
+    plan = {"float_nodes": ["a", "b"], "per_channel": True, "activation_type": None, "target": "ort-cpu"}
+    cheaper = {**plan, "float_nodes": ["a"]}
+    boot = PairedBootstrap(idx, 400, 0)
+    s_good, bad = MeanSamples(idx, {"m": good}, "m"), MeanSamples(idx, {"m": good - 1.0}, "m")
+    calls = []
+
+    def mine():
+        calls.append(1)
+        return 0.80, (0.78, 0.82)
+
+    # measured slower, intervals disjoint: no stop (the old structural rule stopped it)
+    assert prune_decision(plan, bad, [(7, cheaper, lambda: s_good, (0.86, (0.84, 0.88)))], boot, latency=mine) is None
+    # measured slower but the intervals overlap, or measured faster: the structural rule stands
+    for other in ((0.83, (0.81, 0.85)), (0.75, (0.74, 0.76))):
+        d = prune_decision(plan, bad, [(7, cheaper, lambda: s_good, other)], boot, latency=mine)
+        assert d is not None and d.by == 7 and "measured" in d.latency
+    assert len(calls) == 3
+    assert prune_decision(plan, bad, [(7, cheaper, lambda: s_good, None)], boot, latency=mine).latency == "structure"
+    assert not no_slower({**cheaper, "placement": "inputs"}, plan)
+    assert not no_slower({**cheaper, "a16_nodes": ["x"]}, plan)
+
+
 def test_pruning_corrects_over_every_candidate_it_looked_at():
     """Issue 18.2: choosing the most negative differences among K no-slower trials and correcting over 3 gives a
     family-wise error of about K*alpha/3. A difference significant at one-sided alpha/3 but not at alpha/30 prunes

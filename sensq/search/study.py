@@ -33,7 +33,7 @@ from ..precision import target_precisions
 from ..search_spaces import load_space
 from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 from ..targets import get_target
-from .fidelity import PRUNE_BOOT
+from .fidelity import PRUNE_BOOT, ratio_and_ci
 from .proposals import Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
@@ -110,9 +110,10 @@ class SearchRun:
                 if workers.PLAN_KEY in t.user_attrs and t.number != exclude}
 
     def finished_candidates(self):
-        """(number, plan, load) of full trials: the possible dominators in a pruning decision; load() reads that
-        trial's per-sample results from the store when the decision needs them."""
-        return [(r.number, r.plan, lambda key=r.model_hash: self.store.get(key)) for r in self.records() if r.full]
+        """(number, plan, load, measured latency) of full trials: the possible dominators in a pruning decision;
+        load() reads that trial's per-sample results from the store when the decision needs them."""
+        return [(r.number, r.plan, lambda key=r.model_hash: self.store.get(key), ratio_and_ci(r.latency))
+                for r in self.records() if r.full]
 
     def float_mac_share(self, plan) -> float:
         """Share of the model's MACs in float nodes: the sampler's cost for every trial it learns from, whatever the

@@ -12,7 +12,7 @@ from ..latency import bops, measure_paired, measurement_lock, structure_key
 from ..latency.fusion import fusion_report
 from ..plan import PrecisionPlan
 from ..runtime import make_session
-from .fidelity import prune_decision
+from .fidelity import prune_decision, ratio_and_ci
 from .records import LatencyBook, TrialRecord
 
 log = logging.getLogger("sensq")
@@ -53,7 +53,8 @@ class TrialEvaluator:
         rec.seconds["low"] = round(time.perf_counter() - t1, 3)
         self._set_metric(rec, low, split.low_indices)
         if prune and split.low < len(split.search) and run.scorer.per_sample:
-            decision = prune_decision(rec.plan, low, run.finished_candidates(), run.low_boot, run.low_values)
+            decision = prune_decision(rec.plan, low, run.finished_candidates(), run.low_boot, run.low_values,
+                                      latency=lambda: self._measured_value(rec, qmodel))
             if decision is not None:
                 rec.pruned = decision.to_dict()
                 return rec
@@ -70,6 +71,13 @@ class TrialEvaluator:
         rec.gbops = bops(qmodel) / 1e9
         rec.seconds["latency"] = round(time.perf_counter() - t3, 3)
         return rec
+
+    def _measured_value(self, rec: TrialRecord, qmodel):
+        """This trial's (latency ratio, its interval), booked by structure: a trial that goes on is not timed again."""
+        try:
+            return ratio_and_ci(self.latency(qmodel, rec.structure_key))
+        except RuntimeRejected:
+            return None
 
     def _set_metric(self, rec: TrialRecord, samples, indices) -> None:
         rec.fidelity = len(indices)
