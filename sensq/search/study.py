@@ -38,6 +38,7 @@ from .proposals import Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
 from .splits import Split, make_split
+from .warm_start import SensitivityTrials, seed_study
 from . import workers
 from .coordination import Coordinator, open_storage
 from .trials import TrialEvaluator
@@ -245,43 +246,12 @@ class SearchRun:
         self.write_search_json()
 
     def warm_start(self) -> None:
-        """Seeds (all-INT8 and the first steps of the greedy path: top 1..k groups float, k = budget/10 within 3..5)
-        and the sensitivity pass's leave-one-out plans, entered once per study: under the study lock, each entry
-        skipped when a trial with its label exists (a worker killed halfway through seeding leaves no duplicate)."""
         if self.settings.strategy == "greedy":
             return
         with self.coord.lock():
-            if self.study.user_attrs.get("seeded"):
-                return
-            have = {(t.user_attrs.get("source"), t.user_attrs.get("label")) for t in self.study.get_trials(deepcopy=False)}
-            d = self.defaults()
-            toggled = self.space.toggled(self.ranked)
-            depth = min(max(3, self.settings.budget // 10), 5, len(toggled))
-            seeds = [0] if self.settings.strategy == "random" else range(depth + 1)
-            for n in seeds:
-                label = "all-INT8" if n == 0 else f"seed: top-{n} float"
-                if ("seed", label) not in have:
-                    self.study.enqueue_trial(self.space.seed_params(self.ranked, n, d),
-                                             user_attrs={"source": "seed", "label": label})
-            if self.settings.strategy == "tpe":
-                self._add_sensitivity_trials(toggled, d, {lab for src, lab in have if src == "sensitivity"})
-            self.study.set_user_attr("seeded", self.run_id)
-
-    def _add_sensitivity_trials(self, toggled: list[str], defaults: dict, have: set = frozenset()) -> None:
-        dists = self.space.distributions(self.ranked)
-        rows = self.sens.table.set_index("group")
-        for g in toggled:
-            row = rows.loc[g]
-            if row["scored_by"] != "metric" or f"sensitivity: {g} float" in have:
-                continue
-            plan = self.ws.base_plan.with_float(self.groups[g])
-            rec = self.evaluate_trial.record(len(self.study.trials), plan, f"sensitivity: {g} float", "sensitivity", [g])
-            rec.fidelity, rec.metric, rec.delta_int8, rec.model_hash = len(self.split.sensitivity_indices), float(row["metric"]), float(row["delta"]), row["model_hash"]
-            params = self.space.seed_params(self.ranked, [g], defaults)
-            trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                              values=[rec.delta_int8, rec.cost_proxy],
-                                              user_attrs={ATTR: rec.to_json(), "source": "sensitivity", "label": rec.label})
-            self.study.add_trial(trial)
+            seed_study(self.study, self.space, self.ranked, self.settings, self.defaults(), self.run_id,
+                       SensitivityTrials(self.sens.table, self.groups, self.ws.base_plan, self.evaluate_trial.record,
+                                         len(self.split.sensitivity_indices)))
 
     def budget_used(self) -> int:
         """Distinct built models scored (a plan that built an earlier trial's model is not counted)."""
