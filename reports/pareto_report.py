@@ -88,6 +88,7 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
     lines += [f"* recommended: {summary['recommendation_rule']}" if summary.get("recommended_trial") is not None
               else f"no recommended point: no front point is within {summary['max_drop']} of FP32 on the search split"]
     lines += summary.get("neighbours", [])
+    lines += summary.get("monotone_violations", [])
     if summary.get("slower_than_fp32"):
         lines.append(f"float islands cost more than INT8 saves (slower than FP32, interval above 1x): trials "
                      f"{', '.join(map(str, summary['slower_than_fp32']))} (unfused Q/DQ per trial: trials.csv)")

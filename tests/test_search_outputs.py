@@ -160,3 +160,22 @@ def test_a_rejected_structure_is_booked_and_not_compiled_again(tmp_path, monkeyp
         with pytest.raises(RuntimeRejected, match="cannot compile"):
             evaluator.latency(None, "structure-a")
     assert len(calls) == 1
+
+
+def test_monotone_prior_keeps_a_float_superset_shown_faster_off_the_front():
+    """Issue's trial 64: three more float groups than all-INT8, shown faster with overlapping intervals: flagged and
+    not on the front; with disjoint intervals the measurement stands."""
+    from sensq.search.pareto import front_indices, monotone_violations
+
+    base = {"method": "default", "per_channel": True, "float_nodes": ["h"], "notes": []}
+    rows = [{"trial": 0, "plan": base, "metric": 0.2862, "ratio": 0.710, "ratio_lo": 0.595, "ratio_hi": 0.779},
+            {"trial": 64, "plan": {**base, "float_nodes": ["h", "a", "b", "c"], "notes": ["x"]}, "metric": 0.2880,
+             "ratio": 0.676, "ratio_lo": 0.667, "ratio_hi": 0.740},
+            {"trial": 5, "plan": {**base, "method": "mse", "float_nodes": ["h", "a"]}, "metric": 0.2870,
+             "ratio": 0.600, "ratio_lo": 0.59, "ratio_hi": 0.61}]  # another method: not comparable, not flagged
+    bad = monotone_violations(rows)
+    assert set(bad) == {64} and "trial 0" in bad[64]
+    naive = front_indices([r["metric"] for r in rows], [r["ratio"] for r in rows])
+    assert 1 in naive  # what the front was before the prior
+    rows[1] = {**rows[1], "ratio_hi": 0.59, "ratio": 0.58, "ratio_lo": 0.57}  # disjoint and faster: believed
+    assert monotone_violations(rows) == {}

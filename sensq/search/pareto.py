@@ -41,3 +41,27 @@ def hypervolume(metric: Iterable[float], cost: Iterable[float], ref_metric: floa
         right = min(ref_cost, pts[j + 1][0]) if j + 1 < len(pts) else ref_cost
         area += (right - ci) * (mi - ref_metric)  # this point is the best one on [ci, next point's cost)
     return float(area)
+
+
+def monotone_violations(rows: Sequence[dict]) -> dict[int, str]:
+    """Monotone prior: among plans equal in every knob but the float set, one whose float nodes contain another's
+    runs at least that one's float work; shown faster without disjoint 95 % latency intervals it is a timing
+    artifact. Rows: dicts with trial, plan, ratio, ratio_lo, ratio_hi. Returns {trial: reason} of the violators."""
+    def knobs(plan):
+        return {k: v for k, v in plan.items() if k not in ("float_nodes", "notes")}
+
+    out = {}
+    timed = [r for r in rows if r.get("plan") and r.get("ratio") is not None and r["trial"] >= 0]
+    for a in timed:
+        fa = set(a["plan"]["float_nodes"])
+        for b in timed:
+            fb = set(b["plan"]["float_nodes"])
+            if a is b or not fb < fa or knobs(a["plan"]) != knobs(b["plan"]) or a["ratio"] >= b["ratio"]:
+                continue
+            disjoint = a.get("ratio_hi") is not None and b.get("ratio_lo") is not None and a["ratio_hi"] < b["ratio_lo"]
+            if not disjoint:
+                out[a["trial"]] = (f"trial {a['trial']} keeps a superset of trial {b['trial']}'s float nodes but is shown "
+                                   f"faster ({a['ratio']:.3f} vs {b['ratio']:.3f}, intervals overlap): not used for the front")
+                break
+    return out
+

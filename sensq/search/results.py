@@ -10,7 +10,7 @@ import numpy as np
 
 from ..evaluators.samples import PairedBootstrap
 from .fidelity import PRUNE_ALPHA
-from .pareto import front_indices, hypervolume
+from .pareto import front_indices, hypervolume, monotone_violations
 from .records import TrialRecord
 
 HV_METRIC_MARGIN = 0.03  # hypervolume reference point: (1.0 x FP32 latency, FP32 metric - 0.03), documented in docs
@@ -28,7 +28,9 @@ def full_records(recs: list[TrialRecord]) -> list[TrialRecord]:
 
 def front_records(recs: list[TrialRecord]) -> list[TrialRecord]:
     full = full_records(recs)
-    idx = front_indices([r.metric for r in full], [r.ratio for r in full], [r.number for r in full])
+    bad = monotone_violations([_row(r) for r in full])
+    idx = front_indices([math.nan if r.number in bad else r.metric for r in full], [r.ratio for r in full],
+                        [r.number for r in full])
     return [full[i] for i in idx]
 
 
@@ -105,7 +107,11 @@ def build_result(run, seconds: float):
 
     recs = run.records()
     rows = [_fp32_row(run)] + [_row(r) for r in full_records(recs)]
-    idx = front_indices([r["metric"] for r in rows], [r["ratio"] for r in rows], [r["trial"] for r in rows])
+    violations = monotone_violations(rows)
+    for r in rows:
+        r["monotone_violation"] = violations.get(r["trial"])
+    idx = front_indices([math.nan if r["monotone_violation"] else r["metric"] for r in rows], [r["ratio"] for r in rows],
+                        [r["trial"] for r in rows])
     for i, r in enumerate(rows):
         r["on_front"] = i in idx
     front = [rows[i] for i in idx]
@@ -124,6 +130,7 @@ def build_result(run, seconds: float):
         r["recommended"] = rec is not None and r["trial"] == rec["trial"]
     summary = _summary(run, recs, rows, front, rec)
     summary["neighbours"] = _neighbours(front, run, boots["search"])
+    summary["monotone_violations"] = [violations[t] for t in sorted(violations)]
     paths = write_pareto_report(rows, front, summary, run.workdir)
     paths["trials"] = write_trials_csv(recs, run.workdir / "trials.csv")
     paths.update({f"sensitivity {k}": v for k, v in getattr(run, "sens_paths", {}).items()})
