@@ -63,6 +63,12 @@ def machine_id(info: dict) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
+def _lock_path(lock_dir) -> Path:
+    root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root / "latency.lock"
+
+
 class _MachineLock:
     """This process's hold on `<lock_dir>/latency.lock`: exclusive while it times a model, shared while it evaluates.
 
@@ -90,9 +96,7 @@ class _MachineLock:
         want = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         with self.local:
             if self.depth == 0:
-                root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
-                root.mkdir(parents=True, exist_ok=True)
-                self.file = open(root / "latency.lock", "a+")
+                self.file = open(_lock_path(lock_dir), "a+")
                 fcntl.flock(self.file, want)
                 self.mode, previous = want, None
             elif want == fcntl.LOCK_EX and self.mode == fcntl.LOCK_SH:
@@ -113,16 +117,13 @@ class _MachineLock:
                     fcntl.flock(self.file, previous)
                     self.mode = previous
 
-
     @contextlib.contextmanager
     def _exclusive_fallback(self, lock_dir):
         from filelock import FileLock
 
         with self.local:
             if self.depth == 0:
-                root = Path(lock_dir or os.environ.get("SENSQ_CACHE", Path.home() / ".cache" / "sensq"))
-                root.mkdir(parents=True, exist_ok=True)
-                self.file = FileLock(str(root / "latency.lock"), is_singleton=False)
+                self.file = FileLock(str(_lock_path(lock_dir)), is_singleton=False)
                 self.file.acquire()
             self.depth += 1
             try:

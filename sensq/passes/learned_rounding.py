@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .qdq_convs import quantized_convs
+
 POSITIONS_PER_IMAGE = 1024  # output positions sampled per image and conv (all of them when fewer)
 DAMPING = 0.01  # of H's mean diagonal, as in GPTQ: keeps the inverse finite for dead or collinear inputs
 
@@ -86,25 +88,11 @@ def _attr(node, name, default):
 
 def find_sites(qmodel: onnx.ModelProto, float_model: onnx.ModelProto) -> list[ConvSite]:
     """2-D convs whose weight the quantized model reads through an int8 DequantizeLinear of its own."""
-    g = qmodel.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for t in n.input:
-            uses[t] = uses.get(t, 0) + 1
-    float_convs = {n.name: n for n in float_model.graph.node if n.op_type == "Conv"}
-    float_inits = {i.name: i for i in float_model.graph.initializer}
+    index, convs = quantized_convs(qmodel, float_model)
+    inits, producer, float_inits = index.inits, index.producer, index.float_inits
     sites = []
-    for node in g.node:
-        ref = float_convs.get(node.name)
-        wdq = producer.get(node.input[1]) if node.op_type == "Conv" and ref is not None else None
-        if wdq is None or wdq.op_type != "DequantizeLinear" or ref.input[1] not in float_inits:
-            continue
-        q_init, s_init = inits.get(wdq.input[0]), inits.get(wdq.input[1])
-        if q_init is None or s_init is None or q_init.data_type != onnx.TensorProto.INT8 or uses.get(wdq.input[0], 0) != 1:
-            continue
-        w = numpy_helper.to_array(float_inits[ref.input[1]]).astype(np.float64)
+    for c in convs:
+        node, ref, q_init, s_init, w = c.node, c.ref, c.q_init, c.s_init, c.weight
         if w.ndim != 4:
             continue
         q = numpy_helper.to_array(q_init)

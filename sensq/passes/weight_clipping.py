@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .qdq_convs import quantized_convs
+
 RATIOS = np.linspace(0.5, 1.0, 26)
 
 
@@ -30,28 +32,14 @@ def mse_scales(w: np.ndarray, qmax: int) -> np.ndarray:
 
 def clip_weights_mse(qmodel: onnx.ModelProto, float_model: onnx.ModelProto) -> list[str]:
     """Rewrite every per-channel int8 conv weight of qmodel with MSE scales; returns the changed conv names."""
-    g = qmodel.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for t in n.input:
-            uses[t] = uses.get(t, 0) + 1
-    float_convs = {n.name: n for n in float_model.graph.node if n.op_type == "Conv"}
-    float_inits = {i.name: i for i in float_model.graph.initializer}
+    index, convs = quantized_convs(qmodel, float_model)
+    inits, producer, float_inits = index.inits, index.producer, index.float_inits
     done = []
-    for node in g.node:
-        ref = float_convs.get(node.name)
-        wdq = producer.get(node.input[1]) if node.op_type == "Conv" else None
-        if ref is None or wdq is None or wdq.op_type != "DequantizeLinear" or ref.input[1] not in float_inits:
-            continue
-        q_init, s_init = inits.get(wdq.input[0]), inits.get(wdq.input[1])
-        if q_init is None or s_init is None or uses.get(wdq.input[1], 0) != 1 or q_init.data_type != onnx.TensorProto.INT8:
-            continue
+    for c in convs:
+        node, ref, q_init, s_init, w = c.node, c.ref, c.q_init, c.s_init, c.weight
         scale = numpy_helper.to_array(s_init).astype(np.float64)
         if scale.ndim != 1 or len(scale) < 2:
             continue  # per-tensor weights: one scale for all channels, left to onnxruntime
-        w = numpy_helper.to_array(float_inits[ref.input[1]]).astype(np.float64)
         qmax = int(np.abs(numpy_helper.to_array(q_init)).max())  # 127, or 63 for 7-bit (overflow fix) weights
         new_s = np.minimum(mse_scales(w, qmax), scale)  # never coarser than min/max
         shape = (-1,) + (1,) * (w.ndim - 1)
