@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from tqdm import tqdm
 
 from sensq.evaluators import measure
-from sensq.model import shield_float_nodes
+from sensq.passes.float_shield import shield_float_nodes
 from sensq.runtime import make_session
 from sensq.statistics import augmented_model
 

@@ -80,10 +80,11 @@ class SampleStore:
     The memory cache notices when another process sharing the folder replaced a file (e.g. scored the rest of a
     model this process only scored at low fidelity): a changed file is read again."""
 
-    def __init__(self, root: str | Path, evaluator, memory: int = 16):
+    def __init__(self, root: str | Path, evaluator, memory: int = 16, runtime: str = ""):
+        """runtime: the scoring runtime when not ONNX Runtime (results of one model differ between runtimes)."""
         sig = getattr(evaluator, "signature", None)
         sig = sig() if callable(sig) else f"{getattr(evaluator, 'name', type(evaluator).__name__)}:{len(evaluator)}"
-        self.root = Path(root) / hashlib.sha256(sig.encode()).hexdigest()[:16]
+        self.root = Path(root) / hashlib.sha256((sig + (f"|runtime={runtime}" if runtime else "")).encode()).hexdigest()[:16]
         self.evaluator = evaluator
         self._memory: OrderedDict[str, SampleResults] = OrderedDict()
         self._stamps: dict[str, tuple | None] = {}
@@ -140,10 +141,12 @@ class SampleStore:
 class Scorer:
     """evaluate() on the samples a model has not been scored on yet; returns all its per-sample results."""
 
-    def __init__(self, evaluator, store: SampleStore, universe, busy=None):
+    def __init__(self, evaluator, store: SampleStore, universe, busy=None, session_factory=None):
         """busy: a context-manager factory held around each evaluation (the search passes the machine's shared
-        evaluation lock, so that no other worker on this machine times a model while this one evaluates)."""
+        evaluation lock, so that no other worker on this machine times a model while this one evaluates).
+        session_factory: model -> session of the runtime that scores (default: ONNX Runtime's, by the evaluator)."""
         self.evaluator, self.store = evaluator, store
+        self.session_factory = session_factory
         self.busy = busy or contextlib.nullcontext
         self.universe = np.asarray(universe, np.int64)
         self.per_sample = supports_indices(evaluator)
@@ -157,6 +160,8 @@ class Scorer:
         if have is not None and (have.has(idx) or not self.per_sample):
             return have
         t0 = time.perf_counter()
+        if self.session_factory is not None:
+            model = self.session_factory(model)
         if not self.per_sample:
             with self.busy():
                 res = self.evaluator.evaluate(model, limit=len(self.universe), progress=False)

@@ -89,6 +89,8 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
               else f"no recommended point: no front point is within {summary['max_drop']} of FP32 on the search split"]
     lines += summary.get("neighbours", [])
     lines += summary.get("monotone_violations", [])
+    if summary.get("scored_by"):
+        lines.append(f"accuracy scored by {summary['scored_by']}")
     if summary.get("slower_than_fp32"):
         lines.append(f"float islands cost more than INT8 saves (slower than FP32, interval above 1x): trials "
                      f"{', '.join(map(str, summary['slower_than_fp32']))} (unfused Q/DQ per trial: trials.csv)")
@@ -138,7 +140,7 @@ def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> s
              f"{len(front)} point(s) on the front out of {len(rows) - 1} fully scored plans and FP32. Metric: {m} on the "
              f"search split ({summary['search_samples']} samples; held-out confirm split: "
              f"{summary['confirm_samples'] or 'none'}). Intervals are 95 % paired BCa bootstrap intervals over samples "
-             f"(1000 resamples). Latency: ratio to FP32 timed in interleaved rounds with backend `{summary['latency_backend']}`"
+             f"(1000 resamples), scored by {summary.get('scored_by') or 'onnxruntime'}. Latency: ratio to FP32 timed in interleaved rounds with backend `{summary['latency_backend']}`"
              f" on {mach.get('cpu_model')} ({', '.join(mach.get('isa') or [])}, {mach.get('threads')} threads, "
              f"{mach.get('runtime')} {mach.get('runtime_version')}), 95 % interval of the median ratio; "
              f"'{unit} (measured)' is the model's own median and IQR in the run it was measured in.", "",

@@ -153,7 +153,7 @@ _INPUT_PASS_THROUGH = {"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Transpos
                        "Unsqueeze", "Pad", "Slice", "Resize", "Concat"}
 
 
-def _channel_axis(node: onnx.NodeProto) -> int:
+def weight_channel_axis(node: onnx.NodeProto) -> int:
     """The per-channel axis onnxruntime's QDQ quantizer gives this op's weight (operators/conv.py, gemm.py, matmul.py)."""
     if node.op_type == "Gemm":
         return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
@@ -175,7 +175,7 @@ def first_layer_weights(model: onnx.ModelProto) -> dict[str, int]:
         variable = [x for x in node.input if x and x not in constants]
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             if node.input[0] in from_input and len(node.input) > 1 and node.input[1] in inits:
-                out[node.input[1]] = _channel_axis(node)
+                out[node.input[1]] = weight_channel_axis(node)
         elif node.op_type in _INPUT_PASS_THROUGH and variable and all(x in from_input for x in variable):
             from_input.update(o for o in node.output if o)
     return dict(sorted(out.items()))

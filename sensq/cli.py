@@ -140,7 +140,15 @@ def cmd_eval(args) -> int:
 
     load_model(args.model)  # clear error for a missing/corrupt model before any data work
     evaluator = evaluator_for(**options(args))
-    res = evaluator.evaluate(args.model, limit=args.limit, progress=not args.quiet)
+    model = args.model
+    if getattr(args, "target", None):  # scored by the runtime the target deploys on
+        from .runtime import scoring_runtime
+        from .targets import get_target
+
+        scored_by, factory = scoring_runtime(get_target(args.target).name)
+        model = factory(args.model) if factory else model
+        print(f"scored by {scored_by}")
+    res = evaluator.evaluate(model, limit=args.limit, progress=not args.quiet)
     for k, v in res.metrics.items():
         print(f"{k}: {v:.4f}")
     print(f"samples: {res.n_samples}; {res.seconds:.1f} s ({res.inference_seconds:.1f} s inference)")
@@ -247,6 +255,8 @@ def _eval_parser(sub, common) -> None:
     p.add_argument("--mean", type=float, nargs="+", help="mean on 0-255 pixels")
     p.add_argument("--std", type=float, nargs="+", help="std on 0-255 pixels")
     p.add_argument("--json", help="write the metrics (and the 12 COCO stats) to this JSON file")
+    p.add_argument("--target", help="score on the runtime this target deploys on: ort-cpu (default, ONNX Runtime) or "
+                                    "openvino-cpu (OpenVINO CPU, f32 inference precision)")
     p.set_defaults(func=cmd_eval)
 
 

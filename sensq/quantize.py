@@ -20,7 +20,8 @@ from .data import SyntheticData, build_calibration_data
 from .errors import SensqError
 from .heads import HEAD_LAYERS_REASON, HeadInfo, confirm_head, detect_head, head_layer_nodes
 from .locks import file_lock
-from .model import Graph, load_model, shield_float_nodes, simplify, truncation_region
+from .model import Graph, load_model, simplify, truncation_region
+from .passes.float_shield import shield_float_nodes
 from .passes.rounding_stages import ROUNDING_SAMPLES
 from .plan import PrecisionPlan
 from .statistics import CalibrationStats, collect, stats_key

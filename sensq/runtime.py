@@ -39,3 +39,20 @@ def make_session(model, threads: int | None = None, options: ort.SessionOptions 
     except Exception as e:  # ORT raises its own exception types with long messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SensqError(f"ONNX Runtime cannot load the model: {first[:300]}", "export the model again (opset >= 13) or check that the file is a complete .onnx") from e
+
+
+def scoring_runtime(target_name: str, threads: int | None = None):
+    """The runtime a target deploys on, for scoring accuracy: (one-line description, session factory or None for
+    ONNX Runtime's CPU provider). OpenVINO scores in f32 (INFERENCE_PRECISION_HINT), not its bf16 CPU default: an
+    FP32 reference must be FP32 (YOLOX-Nano moves from 0.2903 to 0.2920 under bf16)."""
+    if target_name == "openvino-cpu":
+        from .runtime_openvino import openvino_session, openvino_version
+
+        def factory(model):
+            if hasattr(model, "run") and hasattr(model, "get_inputs"):
+                return model
+            return openvino_session(getattr(model, "model", model), threads)
+
+        return f"OpenVINO {openvino_version()} CPU, INFERENCE_PRECISION_HINT f32", factory
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider", None
+

@@ -214,7 +214,7 @@ def quantize_with_exported_settings(doc: dict, folder: Path, out: Path) -> onnx.
         logging.getLogger().setLevel(previous)
     model = onnx.load(str(out))
     if doc["post_processing"]["shielded_float_nodes"]:
-        from sensq.model import shield_float_nodes
+        from sensq.passes.float_shield import shield_float_nodes
 
         shield_float_nodes(model, s["nodes_to_exclude"])
     return model

@@ -22,7 +22,8 @@ from sensq.heads import (
     tail_findings,
     ultralytics_head,
 )
-from sensq.model import Graph, load_model, name_nodes, shield_float_nodes
+from sensq.model import Graph, load_model, name_nodes
+from sensq.passes.float_shield import shield_float_nodes
 from sensq.quantize import load_and_simplify
 
 # Float regions of the name rule as computed before the structural rule existed (commit f6e5f0d), on the simplified
@@ -319,5 +320,5 @@ def test_a_float_conv_runs_in_float_in_onnxruntime(tmp_path):
     (x2, y2), node2 = _conv_io_in_onnxruntime(raw, conv, feed)
     err = np.abs(y2 - _float_conv(node2, weights, x2)).max() / np.abs(y2).max()
     assert err > 1e-3, ("onnxruntime no longer re-quantizes float Conv weights behind a DequantizeLinear; "
-                        "sensq.model.shield_float_nodes may be unnecessary now")
+                        "sensq.passes.float_shield.shield_float_nodes may be unnecessary now")
     assert shield_float_nodes(raw, plan.float_nodes) == 1 and shield_float_nodes(raw, plan.float_nodes) == 0

@@ -42,7 +42,7 @@ quantize_static(
     calibrate_method=CalibrationMethod[s["calibrate_method"]], extra_options=extra)
 if doc["post_processing"]["shielded_float_nodes"]:  # as sensq built it (see "post_processing")
     import onnx
-    from sensq.model import shield_float_nodes
+    from sensq.passes.float_shield import shield_float_nodes
 
     model = onnx.load("model.ort.q.onnx")
     shield_float_nodes(model, s["nodes_to_exclude"])
@@ -142,7 +142,7 @@ def settings(ws, plan, float_model: str, qmodel=None) -> dict:
             "why": "onnxruntime >= 1.21 quantizes the float weights of a Conv/ConvTranspose/Gemm that reads a "
                    "per-tensor DequantizeLinear (optimizer WeightBiasQuantization), so such a float node would run "
                    "int8 after all; sensq reads their input through a per-axis DequantizeLinear with the same values",
-            "how": "sensq.model.shield_float_nodes(model, nodes_to_exclude) on quantize_static's output (as in the "
+            "how": "sensq.passes.float_shield.shield_float_nodes(model, nodes_to_exclude) on quantize_static's output (as in the "
                    "snippet), or create the session with disabled_optimizers=['WeightBiasQuantization']"}
     if shielded:
         caveats.append(f"quantize_static cannot express the guard on {len(shielded)} float node(s): see post_processing")

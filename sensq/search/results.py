@@ -5,6 +5,8 @@ on the search split and, when held out, on the confirm split; the recommended po
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -12,6 +14,21 @@ from ..evaluators.samples import PairedBootstrap
 from .fidelity import PRUNE_ALPHA
 from .pareto import front_indices, hypervolume, monotone_violations
 from .records import TrialRecord
+
+
+@dataclass
+class SearchResult:
+    records: list[TrialRecord]
+    rows: list[dict]  # reported points: every full trial plus FP32, with intervals (see search/results.py)
+    front: list[dict]
+    recommended: dict | None
+    sensitivity: object  # sensq.sensitivity.SensitivityResult
+    reports: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    repeats: int = 0
+    summary: dict = field(default_factory=dict)
+
 
 HV_METRIC_MARGIN = 0.03  # hypervolume reference point: (1.0 x FP32 latency, FP32 metric - 0.03), documented in docs
 
@@ -103,7 +120,6 @@ def recommend(front: list[dict], max_drop: float, key: str = "d_fp32") -> dict |
 
 def build_result(run, seconds: float):
     from ..reports.pareto_report import write_pareto_report
-    from .study import SearchResult
 
     recs = run.records()
     rows = [_fp32_row(run)] + [_row(r) for r in full_records(recs)]
@@ -172,7 +188,7 @@ def _summary(run, recs, rows, front, rec) -> dict:
     s = run.settings
     return {
         "metric_name": run.sens.metric_name, "latency_unit": run.backend.unit, "latency_backend": run.backend.spec,
-        "target": run.target.name, "machine": run.machine, "strategy": s.strategy, "budget": s.budget,
+        "target": run.target.name, "scored_by": getattr(run, "scored_by", None), "machine": run.machine, "strategy": s.strategy, "budget": s.budget,
         "distinct_plans": len({r.plan_key for r in searched if r.repeat_of is None}), "repeats": run.proposer.repeats,
         # trial -> the earlier trial whose built model it gave (not scored again; its results reused)
         "model_repeats": {r.number: r.repeat_of for r in searched if r.repeat_of is not None},

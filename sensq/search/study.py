@@ -15,7 +15,6 @@ import tempfile
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from ..latency import (Reference, evaluation_lock, macs_per_node, machine_info, 
                        measurement_lock)
 from ..plan import PrecisionPlan
 from ..quantize import cache_dir
+from ..runtime import scoring_runtime
 from ..precision import target_precisions
 from ..search_spaces import load_space
 from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
@@ -37,6 +37,7 @@ from .fidelity import PRUNE_BOOT, ratio_and_ci
 from .proposals import Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
+from .results import SearchResult, build_result, front_records
 from .splits import Split, make_split
 from .warm_start import SensitivityTrials, seed_study
 from . import workers
@@ -46,20 +47,6 @@ from .trials import TrialEvaluator
 log = logging.getLogger("sensq")
 
 STORE_MEMORY = 4  # per-sample results kept in memory (the rest is read back from the store's files when needed)
-
-
-@dataclass
-class SearchResult:
-    records: list[TrialRecord]
-    rows: list[dict]  # reported points: every full trial plus FP32, with intervals (see search/results.py)
-    front: list[dict]
-    recommended: dict | None
-    sensitivity: SensitivityResult
-    reports: dict[str, Path] = field(default_factory=dict)
-    seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    repeats: int = 0
-    summary: dict = field(default_factory=dict)
 
 
 class SearchRun:
@@ -143,8 +130,12 @@ class SearchRun:
             ev.probe(self.ws.model)
         n = min(s.limit or len(ev), len(ev))
         # may be shared with other workers; few results in memory: one COCO model's is ~70 MB at 5,000 images
-        self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY)
-        self.scorer = Scorer(ev, self.store, np.arange(n), busy=lambda: evaluation_lock(self.lock_dir))
+        # accuracy is scored by the runtime the target deploys on (OpenVINO for openvino-cpu), results kept apart
+        self.scored_by, self.session_factory = scoring_runtime(self.target.name, getattr(self.backend, "threads", None))
+        runtime = "" if self.session_factory is None else self.scored_by
+        self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY, runtime=runtime)
+        self.scorer = Scorer(ev, self.store, np.arange(n), busy=lambda: evaluation_lock(self.lock_dir),
+                             session_factory=self.session_factory)
         if self.scorer.per_sample:
             labels = getattr(getattr(ev, "data", None), "labels", None)
             self.split = make_split(n, s.confirm, s.low_fidelity, s.seed, None if labels is None else labels[:n])
@@ -347,7 +338,6 @@ class SearchRun:
 
     def confirm(self) -> None:
         """Re-score FP32, all-INT8 and the front on the held-out part (nothing was selected on it)."""
-        from .results import front_records
 
         if len(self.split.confirm) == 0:
             return
@@ -373,7 +363,6 @@ class SearchRun:
 
     # ---------------------------------------------------------------------------------------------- driver
     def run(self) -> SearchResult:
-        from .results import build_result
 
         t0 = time.perf_counter()
         stages = [("reference", self.reference), ("sensitivity", self.sensitivity), ("study", self.open_study),

@@ -47,7 +47,7 @@ class TrialEvaluator:
         if rec.rejected:  # never scored: its number would be a builder bug on the record (sensq/guard.py)
             log.warning("trial %d: %s", rec.number, rec.rejected)
             return rec
-        session = _LazySession(qmodel)
+        session = _LazySession(qmodel, getattr(run, "session_factory", None))
         t1 = time.perf_counter()
         low = run.scorer.score(session, rec.model_hash, split.low_indices)
         rec.seconds["low"] = round(time.perf_counter() - t1, 3)
@@ -121,12 +121,12 @@ def _booked(value: dict) -> dict:
 class _LazySession:
     """An InferenceSession made on first use (a fully cached model is never loaded) and then reused."""
 
-    def __init__(self, model):
-        self.model, self._session = model, None
+    def __init__(self, model, factory=None):
+        self.model, self._session, self.factory = model, None, factory
 
     def _get(self):
         if self._session is None:
-            self._session = make_session(self.model)
+            self._session = (self.factory or make_session)(self.model)
         return self._session
 
     def run(self, *args, **kwargs):
