@@ -111,6 +111,7 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
                     scorer=None, limit: int | None = None) -> SensitivityResult:
     """Proxy for every group, leave-one-out task metric for the proxy's worst groups within `budget_seconds`
     (None: all groups). Scores use `indices` of the evaluation set (default: the first `limit`, else all)."""
+    from .evaluators.samples import PairedBootstrap
     from .evaluators.scoring import SampleStore, Scorer, model_hash
     from .quantize import cache_dir
 
@@ -142,6 +143,7 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
                    "proxy_sqnr_db": float(-10 * np.log10(snr)) if snr > 0 else float("inf"),
                    "metric": np.nan, "delta": np.nan, "scored_by": "proxy", "model_hash": None}
     by_proxy = sorted(rows, key=lambda g: -rows[g]["proxy_snr"])
+    boot = PairedBootstrap(indices, SENSITIVITY_BOOT, 0) if scorer.per_sample and len(indices) > 1 else None
     spent, costs = time.perf_counter() - t0, []
     bar = tqdm(by_proxy, desc="sensitivity: metric", unit="group", disable=not progress, leave=False)
     for g in bar:
@@ -150,8 +152,12 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
         t = time.perf_counter()
         model = ws.build(ws.base_plan.with_float(groups[g]))
         h = model_hash(model)
-        value = scorer.score(model, h, indices).value(indices)
+        samples = scorer.score(model, h, indices)
+        value = samples.value(indices)
         rows[g].update(metric=value, delta=value - int8_value, scored_by="metric", model_hash=h)
+        if boot is not None:  # the gain's paired interval: is it distinguishable from 0 on these samples?
+            d = boot.difference(samples, int8)
+            rows[g].update(delta_lo=d.lo, delta_hi=d.hi, distinguishable=bool(d.lo > 0 or d.hi < 0))
         costs.append(time.perf_counter() - t)
         spent = time.perf_counter() - t0
         bar.set_postfix_str(f"{g}: {value:.4f}")
@@ -159,6 +165,8 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
     notes = [f"all {n_metric} groups scored by the task metric" if n_metric == len(rows) else
              f"{n_metric} of {len(rows)} groups scored by the task metric, the rest by the proxy only"
              + (f" (budget {budget_seconds:.0f} s)" if budget_seconds is not None else "")]
+    if boot is not None:
+        notes += resolution_notes(rows, boot.difference(fp32, int8), len(indices))
     result = SensitivityResult(pd.DataFrame(list(rows.values())), int8.primary or getattr(evaluator, "primary", "metric"),
                                int8_value, fp32.value(indices), len(indices), time.perf_counter() - t0, budget_seconds,
                                notes)
@@ -166,6 +174,23 @@ def run_sensitivity(ws, evaluator, indices=None, depth: int = 1, by: str = "auto
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(result.to_json(), indent=1, default=float))
     return result
+
+
+SENSITIVITY_BOOT = 1000
+
+
+def resolution_notes(rows: dict, gap, n: int) -> list[str]:
+    """What the leave-one-out gains can say on n samples: which are distinguishable from 0 (paired 95 % interval),
+    and whether a gain as large as the whole FP32 - all-INT8 gap would be resolvable at all."""
+    scored = [r for r in rows.values() if "distinguishable" in r]
+    clear = [r["group"] for r in sorted(scored, key=lambda r: -r["delta"]) if r["distinguishable"]]
+    out = [f"{len(clear)} of {len(scored)} leave-one-out gains are distinguishable from 0 (paired 95 % interval, "
+           f"{n} samples)" + (f": {', '.join(clear[:8])}" if clear else "; the ranking of the others is noise")]
+    if not (gap.lo > 0 or gap.hi < 0):
+        out.append(f"even FP32's gain over all-INT8 ({gap.value:+.4f} [{gap.lo:+.4f}, {gap.hi:+.4f}]) is not "
+                   f"distinguishable from 0 on {n} samples: a group's gain, at most that, cannot be resolved here "
+                   "(more samples: --limit / a larger --data set)")
+    return out
 
 
 def write_report(result: SensitivityResult, out_dir: Path, top_k: int = 10) -> dict[str, Path]:
@@ -179,4 +204,4 @@ def summary(result: SensitivityResult, top_k: int = 10) -> str:
 
     head = (f"Sensitive summary ({result.metric_name}; FP32 {result.fp32_metric:.4f}, all-INT8 {result.int8_metric:.4f}"
             f" on {result.n_samples} samples; {result.notes[0] if result.notes else ''}):")
-    return head + "\n" + format_topk(result, top_k)
+    return "\n".join([head, format_topk(result, top_k), *result.notes[1:]])

@@ -158,7 +158,8 @@ def test_summary_lines(tiny, tiny_ws, tmp_path):
     res = run_sensitivity(tiny_ws, tiny.evaluator(), limit=16, by="node", progress=False, cache=tmp_path / "c")
     head, *lines = summary(res, 10).splitlines()
     assert head.startswith(f"Sensitive summary (neg_mse; FP32 {res.fp32_metric:.4f}, all-INT8 {res.int8_metric:.4f} on 16 samples")
-    assert len(lines) == 3
+    assert lines[3:] == res.notes[1:] and "leave-one-out gains are distinguishable" in lines[3]  # resolution notes
+    lines = lines[:3]
     by_group = res.table.set_index("group")
     for i, line in enumerate(lines):
         m = TOP_LINE.match(line)
@@ -166,7 +167,7 @@ def test_summary_lines(tiny, tiny_ws, tmp_path):
         g = res.ranked_groups[i]
         assert int(m.group(1)) == i and m.group(2) == g
         assert m.group(3) == f"{by_group.loc[g, 'metric']:.4f}" and m.group(4) == f"{by_group.loc[g, 'delta']:+.4f}"
-    assert len(summary(res, 1).splitlines()) == 2
+    assert len(summary(res, 1).splitlines()) == 2 + len(res.notes) - 1
     paths = write_report(res, tmp_path / "rep")
     assert sorted(p.name for p in paths.values()) == ["sensitivity.csv", "sensitivity.md", "sensitivity.png"]
     md = (tmp_path / "rep" / "sensitivity.md").read_text()
@@ -209,3 +210,26 @@ def test_report_states_the_proxy_agreement_of_its_own_table(tiny, tmp_path):
     printed = re.search(r"Spearman's ρ .* = \*\*(-?\d+\.\d\d)\*\*", (out / "sensitivity.md").read_text())
     assert printed, "no proxy agreement line in sensitivity.md"
     assert float(printed.group(1)) == pytest.approx(round(expected, 2), abs=0.005)
+
+
+def test_leave_one_out_gains_carry_paired_intervals_and_the_report_says_which_are_resolvable(tiny, tiny_ws, tmp_path):
+    """Each metric-scored group's gain over all-INT8 has the paired BCa interval a brute-force recomputation gives;
+    `distinguishable` is exactly 'the interval excludes 0'; the summary states how many are."""
+    from sensq.evaluators.samples import PairedBootstrap
+    from sensq.evaluators.scoring import model_hash
+    from sensq.sensitivity import SENSITIVITY_BOOT
+
+    ws, ev = tiny_ws, tiny.evaluator()
+    res = run_sensitivity(ws, ev, limit=12, by="node", progress=False, cache=None, budget_seconds=None)
+    idx = np.arange(12)
+    boot = PairedBootstrap(idx, SENSITIVITY_BOOT, 0)
+    int8 = ev.evaluate(ws.build(), indices=list(idx)).samples
+    groups = quantizable_groups(ws, by="node")
+    for _, row in res.table.iterrows():
+        mine = ev.evaluate(ws.build(ws.base_plan.with_float(groups[row["group"]])), indices=list(idx)).samples
+        d = boot.difference(mine, int8)
+        assert (row["delta_lo"], row["delta_hi"]) == pytest.approx((d.lo, d.hi))
+        assert row["distinguishable"] == (d.lo > 0 or d.hi < 0)
+    text = summary(res)
+    n_clear = int(res.table["distinguishable"].sum())
+    assert f"{n_clear} of {len(res.table)} leave-one-out gains are distinguishable from 0" in text
