@@ -51,7 +51,7 @@ def scoring_runtime(target_name: str, threads: int | None = None):
         def factory(model):
             if hasattr(model, "run") and hasattr(model, "get_inputs"):
                 return model
-            return openvino_session(getattr(model, "model", model), threads)
+            return openvino_session(model, threads)
 
         return f"OpenVINO {openvino_version()} CPU, INFERENCE_PRECISION_HINT f32", factory
     return f"onnxruntime {ort.__version__} CPUExecutionProvider", None

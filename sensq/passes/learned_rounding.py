@@ -39,8 +39,7 @@ class ConvSite:
     strides: tuple[int, int]
     pads: tuple[int, int, int, int]  # top, left, bottom, right
     dilations: tuple[int, int]
-    float_input: str  # in the float model
-    float_output: str
+    float_output: str  # in the float model
     q_input: str  # in the quantized model: what the conv reads (a DequantizeLinear output)
     weight_init: str  # int8 initializer
     weight_scale: np.ndarray  # [O] or scalar
@@ -58,7 +57,6 @@ class Moments:
     h: np.ndarray  # [g, K+1, K+1]: x̃ᵀx̃ with a ones column last (the bias)
     b: np.ndarray  # [g, K+1, O/g]: x̃ᵀy
     yy: float = 0.0
-    n: int = 0
 
 
 @dataclass
@@ -89,27 +87,21 @@ def _attr(node, name, default):
 def find_sites(qmodel: onnx.ModelProto, float_model: onnx.ModelProto) -> list[ConvSite]:
     """2-D convs whose weight the quantized model reads through an int8 DequantizeLinear of its own."""
     index, convs = quantized_convs(qmodel, float_model)
-    inits, producer, float_inits = index.inits, index.producer, index.float_inits
     sites = []
     for c in convs:
-        node, ref, q_init, s_init, w = c.node, c.ref, c.q_init, c.s_init, c.weight
-        if w.ndim != 4:
-            continue
-        q = numpy_helper.to_array(q_init)
-        kh, kw = w.shape[2:]
-        pads = _attr(node, "pads", (0, 0, 0, 0))
-        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", 0, "NOTSET"):
-            continue  # SAME_* padding: rare in exports; left to nearest rounding
-        site = ConvSite(node.name, int(_attr(node, "group", 1)), (kh, kw), tuple(_attr(node, "strides", (1, 1))),
-                        tuple(pads), tuple(_attr(node, "dilations", (1, 1))), ref.input[0], ref.output[0],
-                        node.input[0], q_init.name, numpy_helper.to_array(s_init).astype(np.float64),
-                        63 if int(np.abs(q).max()) <= 64 else 127, w, None)
-        if len(ref.input) > 2 and ref.input[2] in float_inits and len(node.input) > 2 and node.input[2]:
-            site.bias_float = numpy_helper.to_array(float_inits[ref.input[2]]).astype(np.float64)
-            bdq = producer.get(node.input[2])
-            if bdq is not None and bdq.op_type == "DequantizeLinear" and bdq.input[0] in inits and bdq.input[1] in inits:
-                site.bias_init, site.bias_scale = bdq.input[0], numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float64)
-            elif node.input[2] in inits:
+        node, ref, w = c.node, c.ref, c.weight
+        if w.ndim != 4 or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", 0, "NOTSET"):
+            continue  # 1-D/3-D convs and SAME_* padding (rare in exports): left to nearest rounding
+        qmax = 63 if int(np.abs(numpy_helper.to_array(c.q_init)).max()) <= 64 else 127
+        site = ConvSite(node.name, int(_attr(node, "group", 1)), tuple(w.shape[2:]), tuple(_attr(node, "strides", (1, 1))),
+                        tuple(_attr(node, "pads", (0, 0, 0, 0))), tuple(_attr(node, "dilations", (1, 1))), ref.output[0],
+                        node.input[0], c.q_init.name, numpy_helper.to_array(c.s_init).astype(np.float64), qmax, w, None)
+        if len(ref.input) > 2 and ref.input[2] in index.float_inits and len(node.input) > 2 and node.input[2]:
+            site.bias_float = numpy_helper.to_array(index.float_inits[ref.input[2]]).astype(np.float64)
+            bdq = index.producer.get(node.input[2])
+            if bdq is not None and bdq.op_type == "DequantizeLinear" and bdq.input[0] in index.inits and bdq.input[1] in index.inits:
+                site.bias_init, site.bias_scale = bdq.input[0], numpy_helper.to_array(index.inits[bdq.input[1]]).astype(np.float64)
+            elif node.input[2] in index.inits:
                 site.bias_init = node.input[2]
             else:
                 site.bias_float = None
@@ -154,7 +146,6 @@ def accumulate(m: Moments | None, site: ConvSite, x_q: np.ndarray, y: np.ndarray
     m.h += h
     m.b += b
     m.yy += float(np.square(t, dtype=np.float64).sum())
-    m.n += len(pos)
     return m
 
 
@@ -232,12 +223,14 @@ def solve(site: ConvSite, w_nearest: np.ndarray, fit: Moments, check: Moments) -
     return weights.reshape(shape), (w[:, :, -1].reshape(-1) if has_bias else None), errors
 
 
-def apply_rounding(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, result: RoundingResult) -> list[str]:
+def apply_rounding(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, result: RoundingResult,
+                   sites: list[ConvSite] | None = None) -> list[str]:
     """Write learned int8 weights and biases into qmodel (any plan built on the same weight scales); returns the
-    convs changed. A conv kept float in this plan, or whose weight scale differs, is skipped."""
+    convs changed. A conv kept float in this plan, or whose weight scale differs, is skipped. `sites`: qmodel's,
+    when the caller has them already (find_sites otherwise)."""
     inits = {i.name: i for i in qmodel.graph.initializer}
     done = []
-    for s in find_sites(qmodel, float_model):
+    for s in find_sites(qmodel, float_model) if sites is None else sites:
         q = result.weights.get(s.name)
         if q is None or q.shape != s.weight_float.shape:
             continue

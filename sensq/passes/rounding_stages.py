@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .learned_rounding import Moments, RoundingResult, accumulate, apply_rounding, find_sites, nearest_weights, per_row, solve
+from .learned_rounding import (ConvSite, Moments, RoundingResult, accumulate, apply_rounding, find_sites, nearest_weights,
+                               per_row, solve)
 
 log = logging.getLogger("sensq")
 
@@ -111,7 +112,7 @@ def learn_rounding(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, feeds,
             changed.weights[name] = np.clip(np.round(w / per_row(s.weight_scale, w.ndim)), -s.qmax, s.qmax).astype(np.int8)
             if b is not None:
                 changed.biases[name] = b
-        apply_rounding(work, float_model, changed)
+        apply_rounding(work, float_model, changed, [sites[n] for n in stage])  # work is a copy: same names
         result.weights.update(changed.weights)
         result.biases.update(changed.biases)
     bar.close()

@@ -12,8 +12,8 @@ The level is strict because a stop saves little (a few seconds per trial) and a 
 the float nodes) and then, where both trials have a measured latency, by measurement: a float subset is not always
 faster (a Q/DQ island between float neighbours costs conversions), so a dominator measured slower than the trial
 with disjoint 95 % intervals never stops it (overlapping intervals leave the structural rule in charge, so timing
-noise does not make the decision irreproducible). The trial's own latency is measured only when a stop is about to be decided (booked by structure
-like every timing, so it is not wasted when the trial goes on).
+noise does not make the decision irreproducible). The trial's own latency is measured only when a stop is about to
+be decided (booked by structure like every timing, so it is not wasted when the trial goes on).
 The benchmark (bench/bench_search.py) evaluates every stopped trial in full afterwards and counts false prunes.
 """
 from __future__ import annotations
