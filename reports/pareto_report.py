@@ -18,7 +18,8 @@ from sensq.reports import plots
 CSV_COLUMNS = ["trial", "label", "on_front", "recommended", "metric", "metric_lo", "metric_hi", "d_fp32", "d_fp32_lo",
                "d_fp32_hi", "d_int8", "d_int8_lo", "d_int8_hi", "confirm_metric", "confirm_metric_lo",
                "confirm_metric_hi", "confirm_d_fp32", "confirm_d_fp32_lo", "confirm_d_fp32_hi", "optimism", "ratio",
-               "ratio_lo", "ratio_hi", "latency_value", "latency_iqr", "latency_unit", "fp32_value_same_rounds",
+               "ratio_lo", "ratio_hi", "latency_confirmed", "search_ratio", "search_ratio_lo", "search_ratio_hi",
+               "monotone_violation", "latency_value", "latency_iqr", "latency_unit", "fp32_value_same_rounds",
                "latency_date", "machine_id", "float_groups", "n_float_nodes", "method", "percentile", "per_channel",
                "overflow_fix", "source", "gbops", "plan_key", "structure_key"]
 
@@ -43,6 +44,25 @@ def _ratio(row: dict) -> str:
     if _ok(lo) and _ok(hi) and lo != hi:
         return f"{row['ratio']:.3f}x [{lo:.3f}, {hi:.3f}]"
     return f"{row['ratio']:.3f}x"
+
+
+def _search_ratio(row: dict) -> str:
+    """The ratio measured during the search, shown next to the confirmed one."""
+    return _ratio({"ratio": row.get("search_ratio"), "ratio_lo": row.get("search_ratio_lo"),
+                   "ratio_hi": row.get("search_ratio_hi")})
+
+
+def confirmation_line(summary: dict) -> str | None:
+    """How the latency axis was confirmed (search/latency_confirm.py), or why it was not."""
+    c = summary.get("latency_confirmation")
+    if c is None:
+        return None
+    line = (f"latency confirmed: {len(c['trials'])} plan(s) re-timed with FP32 and all-INT8 in the same {c['rounds']} "
+            f"interleaved rounds ({c['seconds']:.0f} s of a {c['budget']:.0f} s budget); front, recommendation and ms "
+            f"come from those rounds (FP32 {c['fp32_ms']:.4g} {summary['latency_unit']})")
+    if c.get("skipped"):
+        line += f"; {len(c['skipped'])} not re-timed, off the front (pareto.json: latency_confirmation.skipped)"
+    return line
 
 
 def _measured(row: dict) -> str:
@@ -74,21 +94,26 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
     """Terminal table of the front (cheapest first) and the notes a user needs before picking a point."""
     m, unit = summary["metric_name"], summary["latency_unit"]
     confirm = any(_ok(r.get("confirm_metric")) for r in front)
+    retimed = summary.get("latency_confirmation") is not None
     head = (f"{'trial':>5}  {m + ' (search) [95% CI]':<28}  {'vs FP32':<26}"
-            + (f"  {m + ' (confirm)':<28}" if confirm else "") + f"  {'latency x FP32 [95% CI]':<25}  {unit + ' (measured)':<16}  float groups")
+            + (f"  {m + ' (confirm)':<28}" if confirm else "") + f"  {'latency x FP32 [95% CI]':<25}"
+            + (f"  {'x FP32 during search':<25}" if retimed else "") + f"  {unit + ' (measured)':<16}  float groups")
     lines = [f"Pareto front: {len(front)} point(s); {m} higher is better, latency lower is better", head, "-" * len(head)]
     for r in front[:max_rows]:
         tag = " *" if r.get("recommended") else ""
         line = f"{('FP32' if r['trial'] < 0 else str(r['trial'])) + tag:>5}  {_ci(r, 'metric'):<28}  {_ci(r, 'd_fp32', signed=True):<26}"
         if confirm:
             line += f"  {_ci(r, 'confirm_metric'):<28}"
-        lines.append(line + f"  {_ratio(r):<25}  {_measured(r):<16}  {_groups(r)[:40]}")
+        line += f"  {_ratio(r):<25}" + (f"  {_search_ratio(r):<25}" if retimed else "")
+        lines.append(line + f"  {_measured(r):<16}  {_groups(r)[:40]}")
     if len(front) > max_rows:
         lines.append(f"... {len(front) - max_rows} more on the front (see pareto.csv)")
     lines += [f"* recommended: {summary['recommendation_rule']}" if summary.get("recommended_trial") is not None
               else f"no recommended point: no front point is within {summary['max_drop']} of FP32 on the search split"]
     lines += summary.get("neighbours", [])
     lines += summary.get("monotone_violations", [])
+    if confirmation_line(summary):
+        lines.append(confirmation_line(summary))
     if summary.get("scored_by"):
         lines.append(f"accuracy scored by {summary['scored_by']}")
     if summary.get("slower_than_fp32"):
@@ -149,16 +174,19 @@ def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> s
              f"No recommended point: none is within {summary['max_drop']} of FP32 on the search split.", "",
              f"![pareto front]({png})", ""]
     cols = ["trial", "label", f"{m} (search)", "Δ vs FP32", "Δ vs all-INT8", f"{m} (confirm)", "Δ vs FP32 (confirm)",
-            "latency x FP32", f"{unit} (measured)", "float groups", "method", "overflow fix"]
+            "latency x FP32", "x FP32 during search", f"{unit} (measured)", "float groups", "method", "overflow fix"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in front:
         cells = [("FP32" if r["trial"] < 0 else str(r["trial"])) + (" (recommended)" if r.get("recommended") else ""),
                  r.get("label") or "", _ci(r, "metric"), _ci(r, "d_fp32", signed=True), _ci(r, "d_int8", signed=True),
-                 _ci(r, "confirm_metric"), _ci(r, "confirm_d_fp32", signed=True), _ratio(r), _measured(r), _groups(r),
+                 _ci(r, "confirm_metric"), _ci(r, "confirm_d_fp32", signed=True), _ratio(r), _search_ratio(r), _measured(r), _groups(r),
                  str(r.get("method") or "-") + (f" p{r['percentile']:g}" if _ok(r.get("percentile")) else ""),
                  str(r.get("overflow_fix") or "-")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", "## Reading it", ""] + [f"- {n}" for n in summary.get("neighbours", [])]
+    lines += [f"- {n}" for n in summary.get("monotone_violations", [])]
+    if confirmation_line(summary):
+        lines.append(f"- {confirmation_line(summary)[0].upper()}{confirmation_line(summary)[1:]}.")
     opt = [r for r in front if _ok(r.get("optimism")) and r["trial"] >= 0]
     if opt:
         lines.append(f"- Optimism (search − confirm) of the front points: mean {np.mean([r['optimism'] for r in opt]):+.4f}, "

@@ -185,7 +185,7 @@ def cmd_search(args) -> int:
                               study_name=args.study_name, seed=cfg.seed, space=args.space, latency=args.latency,
                               strategy=args.strategy, low_fidelity=args.low_fidelity, confirm=args.confirm,
                               limit=args.limit, sensitivity_budget=args.sensitivity_budget, max_drop=args.max_drop,
-                              depth=args.depth, group_by=args.unit, top_k=args.top_k, worker=args.worker)
+                              latency_confirm=args.latency_confirm, depth=args.depth, group_by=args.unit, top_k=args.top_k, worker=args.worker)
     res = run_search(ws, evaluator, settings, progress=not args.quiet)
     print(f"search finished in {res.seconds / 60:.1f} min")
     return 0
@@ -282,6 +282,7 @@ def _sensitivity_parser(sub, common) -> None:
 
 
 def _search_parser(sub, common) -> None:
+    from .search.latency_confirm import LATENCY_CONFIRM_SECONDS
     from .sensitivity import DEFAULT_BUDGET_SECONDS
 
     p = sub.add_parser("search", help="mixed-precision search: latency/accuracy Pareto front with intervals", parents=[common],
@@ -308,6 +309,9 @@ def _search_parser(sub, common) -> None:
                    help=f"seconds for leave-one-out task-metric runs before the search (default {DEFAULT_BUDGET_SECONDS:.0f})")
     p.add_argument("--max-drop", type=float, default=0.005,
                    help="recommended point: the fastest on the front within this of FP32 on the search split (default 0.005)")
+    p.add_argument("--latency-confirm", type=float, default=LATENCY_CONFIRM_SECONDS, metavar="SECONDS",
+                   help="after the trials, re-time the plans that may be on the front together with FP32 and all-INT8 "
+                        f"in one interleaved session and build the front from those ratios (default {LATENCY_CONFIRM_SECONDS:.0f} s; 0: off)")
     p.add_argument("--top-k", type=int, help="number of most sensitive groups the search toggles (default from the space: 12)")
     p.add_argument("--unit", choices=GROUPINGS, default="auto", help="layer groups the search toggles (see sensq sensitivity)")
     p.add_argument("--depth", type=int, default=1, help="module prefix depth (model.24 = 1)")

@@ -28,7 +28,7 @@ from .graph import COMPUTE_OPS, LayerCost, bops, layer_costs, macs_per_node, nod
 from .machine import evaluation_lock, has_vnni, machine_id, machine_info, measurement_lock
 from .openvino import OpenVinoLatency, measure_in_blocks
 from .ort import OrtLatency, random_inputs
-from .paired import PairedLatency, Reference, measure_paired
+from .paired import PairedLatency, Reference, measure_paired, measure_together
 from .table import TableLatency
 
 __all__ = ["LatencyBackend", "LatencyResult", "ModelLike", "Timer", "available_latency_backends", "iqr",
@@ -37,4 +37,4 @@ __all__ = ["LatencyBackend", "LatencyResult", "ModelLike", "Timer", "available_l
            "quantized_nodes", "structure_key", "has_vnni", "machine_id", "machine_info", "measurement_lock",
            "evaluation_lock",
            "OrtLatency", "random_inputs", "OpenVinoLatency", "measure_in_blocks",
-           "fusion_report", "optimized_graph", "PairedLatency", "Reference", "measure_paired", "TableLatency"]
+           "fusion_report", "optimized_graph", "PairedLatency", "Reference", "measure_paired", "measure_together", "TableLatency"]

@@ -7,6 +7,7 @@ this machine) is reported next to it, never rescaled. Deterministic backends (bo
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -89,3 +90,69 @@ def measure_paired(backend: LatencyBackend, model: ModelLike, reference: Referen
     return PairedLatency(float(np.median(ratios)), median_ci(ratios), float(np.median(own)), iqr(own), median_ci(own),
                          float(np.median(theirs)), iqr(theirs), backend.unit, backend.name, rounds, runs,
                          {"round_ratios": [round(x, 5) for x in ratios]})
+
+
+CONFIRM_MIN_ROUNDS = 12
+CONFIRM_MAX_ROUNDS = 80
+CONFIRM_HALF_WIDTH = 0.02  # stop early once every ratio's 95 % interval is within +-2 % of it
+
+
+def measure_together(backend: LatencyBackend, models: dict, reference: str, seconds: float,
+                     runs: int = RUNS_PER_ROUND, seed: int = 0, lock_dir=None, progress: bool = False,
+                     min_rounds: int = CONFIRM_MIN_ROUNDS, max_rounds: int = CONFIRM_MAX_ROUNDS,
+                     half_width: float = CONFIRM_HALF_WIDTH) -> dict:
+    """Ratio of every model in `models` (name -> model) to `models[reference]`, all timed in the same rounds.
+
+    Each round runs every model `runs` times in a seeded random order; a model's ratio in a round is its median over
+    the reference's median in that round, so the whole set shares one moment of the machine (timing plans at their own
+    moments, each against its own FP32 rounds, lets drift between those moments pass for a difference). Rounds go on
+    until every interval is within `half_width` of its ratio or the time is up, at least `min_rounds`. Returns
+    name -> PairedLatency (the reference's own ratio is exactly 1)."""
+    from tqdm import tqdm
+
+    names = list(models)
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of the models")
+    rng = np.random.default_rng(seed)
+    timers = {}
+    times = {n: [] for n in names}
+    ratios = {n: [] for n in names}
+    try:
+        for n in names:
+            timers[n] = backend.timer(models[n])
+        with measurement_lock(lock_dir):
+            t0 = time.perf_counter()
+            bar = tqdm(total=max_rounds, desc="latency confirm", unit="round", disable=not progress, leave=False)
+            for r in range(max_rounds):
+                own = {n: [] for n in names}
+                for n in rng.permutation(names):
+                    own[n] += [timers[n]() for _ in range(runs)]
+                ref = float(np.median(own[reference]))
+                for n in names:
+                    times[n] += own[n]
+                    ratios[n].append(float(np.median(own[n])) / ref)
+                bar.update(1)
+                done = r + 1
+                if done >= min_rounds:
+                    per_round = (time.perf_counter() - t0) / done
+                    if _within(ratios, half_width) or time.perf_counter() - t0 + per_round > seconds:
+                        break
+            bar.close()
+    finally:
+        for t in timers.values():
+            t.close()
+    ref_times = times[reference]
+    return {n: PairedLatency(float(np.median(ratios[n])), median_ci(ratios[n]), float(np.median(times[n])),
+                             iqr(times[n]), median_ci(times[n]), float(np.median(ref_times)), iqr(ref_times),
+                             backend.unit, backend.name, done, runs,
+                             {"round_ratios": [round(x, 5) for x in ratios[n]], "seconds": round(time.perf_counter() - t0, 2)})
+            for n in names}
+
+
+def _within(ratios: dict, half_width: float) -> bool:
+    for values in ratios.values():
+        lo, hi = median_ci(values)
+        mid = float(np.median(values))
+        if mid > 0 and (hi - lo) / 2 / mid > half_width:
+            return False
+    return True

@@ -43,15 +43,43 @@ def full_records(recs: list[TrialRecord]) -> list[TrialRecord]:
     return out
 
 
-def front_records(recs: list[TrialRecord]) -> list[TrialRecord]:
+def front_records(recs: list[TrialRecord], confirmation=None) -> list[TrialRecord]:
+    """The front's trials (FP32 left out), from the confirmed latency when the confirmation stage ran."""
     full = full_records(recs)
-    bad = monotone_violations([_row(r) for r in full])
-    idx = front_indices([math.nan if r.number in bad else r.metric for r in full], [r.ratio for r in full],
-                        [r.number for r in full])
-    return [full[i] for i in idx]
+    rows = [trial_row(r) for r in full]
+    apply_confirmation(rows, confirmation)
+    return [full[i] for i in mark_front(rows, confirmation)]
 
 
-def _row(rec: TrialRecord) -> dict:
+def apply_confirmation(rows: list[dict], confirmation) -> None:
+    """Replace each re-timed row's latency by its confirmed one (ratio, interval and ms from the same rounds), keeping
+    the search-time ratio next to it; rows not re-timed keep theirs and are marked so."""
+    for r in rows:
+        r["search_ratio"], r["search_ratio_lo"], r["search_ratio_hi"] = r["ratio"], r["ratio_lo"], r["ratio_hi"]
+        c = None if confirmation is None else confirmation.by_hash.get(r["model_hash"])
+        r["latency_confirmed"] = c is not None
+        if c is not None:
+            r.update(ratio=c["ratio"], ratio_lo=c["ratio_ci"][0], ratio_hi=c["ratio_ci"][1], latency_value=c["value"],
+                     latency_iqr=c["value_iqr"], fp32_value_same_rounds=c["ref_value"], latency_date=confirmation.date)
+
+
+def mark_front(rows: list[dict], confirmation=None) -> list[int]:
+    """Flag monotone-prior violations and the front (`on_front`); return the front's indices, cheapest first.
+
+    With a confirmation only re-timed rows (and FP32) compete: the others' ratios come from other moments."""
+    violations = monotone_violations(rows)
+    for r in rows:
+        r["monotone_violation"] = violations.get(r["trial"])
+    eligible = [not r["monotone_violation"] and (confirmation is None or r["latency_confirmed"] or r["trial"] < 0)
+                for r in rows]
+    idx = front_indices([r["metric"] if ok else math.nan for r, ok in zip(rows, eligible)], [r["ratio"] for r in rows],
+                        [r["trial"] for r in rows])
+    for i, r in enumerate(rows):
+        r["on_front"] = i in idx
+    return idx
+
+
+def trial_row(rec: TrialRecord) -> dict:
     lat = rec.latency or {}
     p = rec.plan
     return {"trial": rec.number, "label": rec.label, "source": rec.source, "float_groups": rec.float_groups,
@@ -65,7 +93,7 @@ def _row(rec: TrialRecord) -> dict:
             "structure_key": rec.structure_key, "model_hash": rec.model_hash, "plan": rec.plan}
 
 
-def _fp32_row(run) -> dict:
+def fp32_row(run) -> dict:
     lat = run.fp32_latency
     return {"trial": -1, "label": "FP32", "source": "reference", "float_groups": ["(all)"], "n_float_nodes": None,
             "method": "-", "percentile": None, "per_channel": None, "overflow_fix": None,
@@ -122,14 +150,10 @@ def build_result(run, seconds: float):
     from ..reports.pareto_report import write_pareto_report
 
     recs = run.records()
-    rows = [_fp32_row(run)] + [_row(r) for r in full_records(recs)]
-    violations = monotone_violations(rows)
-    for r in rows:
-        r["monotone_violation"] = violations.get(r["trial"])
-    idx = front_indices([math.nan if r["monotone_violation"] else r["metric"] for r in rows], [r["ratio"] for r in rows],
-                        [r["trial"] for r in rows])
-    for i, r in enumerate(rows):
-        r["on_front"] = i in idx
+    confirmation = getattr(run, "latency_confirmation", None)
+    rows = [fp32_row(run)] + [trial_row(r) for r in full_records(recs)]
+    apply_confirmation(rows, confirmation)
+    idx = mark_front(rows, confirmation)
     front = [rows[i] for i in idx]
     all_int8 = next((r for r in rows if r["model_hash"] == run.int8_hash), None)
     shown = front + [r for r in (rows[0], all_int8) if r is not None and not r["on_front"]]
@@ -146,12 +170,21 @@ def build_result(run, seconds: float):
         r["recommended"] = rec is not None and r["trial"] == rec["trial"]
     summary = _summary(run, recs, rows, front, rec)
     summary["neighbours"] = _neighbours(front, run, boots["search"])
-    summary["monotone_violations"] = [violations[t] for t in sorted(violations)]
+    summary["monotone_violations"] = [r["monotone_violation"] for r in rows if r["monotone_violation"]]
+    summary["latency_confirmation"] = _confirmation_summary(confirmation, rows)
     paths = write_pareto_report(rows, front, summary, run.workdir)
     paths["trials"] = write_trials_csv(recs, run.workdir / "trials.csv")
     paths.update({f"sensitivity {k}": v for k, v in getattr(run, "sens_paths", {}).items()})
     return SearchResult(recs, rows, front, rec, run.sens, paths, seconds, dict(run.stage_seconds),
                         run.proposer.repeats, summary)
+
+
+def _confirmation_summary(confirmation, rows: list[dict]) -> dict | None:
+    if confirmation is None:
+        return None
+    return {"trials": confirmation.trials, "rounds": confirmation.rounds, "seconds": confirmation.seconds,
+            "budget": confirmation.budget, "skipped": {str(k): v for k, v in sorted(confirmation.skipped.items())},
+            "fp32_ms": rows[0]["latency_value"], "date": confirmation.date}
 
 
 def write_trials_csv(recs: list[TrialRecord], path) -> object:
@@ -186,6 +219,7 @@ def _summary(run, recs, rows, front, rec) -> dict:
     pruned = [r for r in searched if r.pruned]
     full_cost = [r.seconds.get("full", 0.0) for r in searched if not r.pruned and "full" in r.seconds]
     s = run.settings
+    timed = [r for r in rows if r["trial"] >= 0 and r["ratio_lo"] is not None]
     return {
         "metric_name": run.sens.metric_name, "latency_unit": run.backend.unit, "latency_backend": run.backend.spec,
         "target": run.target.name, "scored_by": getattr(run, "scored_by", None), "machine": run.machine, "strategy": s.strategy, "budget": s.budget,
@@ -201,13 +235,12 @@ def _summary(run, recs, rows, front, rec) -> dict:
         "max_drop": s.max_drop, "recommended_trial": None if rec is None else rec["trial"],
         "recommendation_rule": (f"the fastest front point whose {run.sens.metric_name} on the search split is within "
                                 f"{s.max_drop} of FP32 (point estimate); its confirm-split score is the one to expect"),
-        "stage_seconds": dict(run.stage_seconds), "fp32_ms_this_run": run.fp32_latency.value,
+        "stage_seconds": dict(run.stage_seconds), "fp32_ms_this_run": rows[0]["latency_value"],
         "fp32_spread_this_run": run.fp32_latency.spread, "sensitivity_notes": run.sens.notes,
         "proxy_agreement": run.sens.proxy_agreement if math.isfinite(run.sens.proxy_agreement) else None,
         # float islands whose conversions cost more than INT8 saves: measured slower than FP32 with confidence
-        "slower_than_fp32": [r.number for r in recs if r.full and r.latency["ratio_ci"][0] > 1.0],
+        "slower_than_fp32": [r["trial"] for r in timed if r["ratio_lo"] > 1.0],
         # no INT8 plan measurably faster than FP32 (every interval reaches 1x): the search trades accuracy only
-        "none_faster_than_fp32": bool([r for r in recs if r.full]) and all(r.latency["ratio_ci"][1] >= 1.0
-                                                                          for r in recs if r.full),
+        "none_faster_than_fp32": bool(timed) and all(r["ratio_hi"] >= 1.0 for r in timed),
         "machines": sorted({r.latency["machine_id"] for r in recs if r.latency}),
     }

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STRATEGIES = ("tpe", "random", "greedy")
-REPORT_ONLY = ("max_drop", "n_boot")  # options read only when the report is written
+REPORT_ONLY = ("max_drop", "n_boot", "latency_confirm")  # options read only after the trials (confirmation, report)
 
 
 @dataclass
@@ -29,6 +29,7 @@ class SearchSettings:
     group_by: str = "auto"  # auto | module | structure | node
     top_k: int | None = None  # overrides the space's group toggle count
     n_boot: int = 1000
+    latency_confirm: float = 60.0  # seconds for re-timing the front's candidates together after the trials (0: off)
     worker: int = 0  # worker id: each worker of one study samples with seed + worker
 
     def storage_url(self) -> str:

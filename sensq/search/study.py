@@ -37,7 +37,8 @@ from .fidelity import PRUNE_BOOT, ratio_and_ci
 from .proposals import Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
-from .results import SearchResult, build_result, front_records
+from .latency_confirm import confirm_latency
+from .results import SearchResult, fp32_row, trial_row, build_result, front_records, full_records
 from .splits import Split, make_split
 from .warm_start import SensitivityTrials, seed_study
 from . import workers
@@ -336,13 +337,29 @@ class SearchRun:
         log.info("trial %d (%s) %s; float=[%s] method=%s", rec.number, rec.source, state, ",".join(rec.float_groups),
                  rec.plan["method"])
 
+    def confirm_latency(self) -> None:
+        """Re-time the plans that may be on the front together with FP32 and all-INT8 (search/latency_confirm.py)."""
+        self.latency_confirmation = None
+        budget = self.settings.latency_confirm
+        if self.backend.deterministic or not budget:
+            return
+        rows = [fp32_row(self)] + [trial_row(r) for r in full_records(self.records())]
+        if len(rows) < 2:
+            return
+        self.latency_confirmation = confirm_latency(
+            rows, lambda plan: self.ws.build(PrecisionPlan.from_dict(plan)), self.backend, self.ws.model,
+            self.fp32_hash, self.ws.build(), self.int8_hash, budget, self.settings.seed, self.lock_dir, self.progress)
+        doc = self.latency_confirmation.to_dict()
+        (self.workdir / "latency_confirm.json").write_text(json.dumps(doc, indent=1, default=str))
+
     def confirm(self) -> None:
         """Re-score FP32, all-INT8 and the front on the held-out part (nothing was selected on it)."""
 
         if len(self.split.confirm) == 0:
             return
         targets = [(self.fp32_hash, None), (self.int8_hash, self.ws.base_plan)]
-        targets += [(r.model_hash, PrecisionPlan.from_dict(r.plan)) for r in front_records(self.records())]
+        targets += [(r.model_hash, PrecisionPlan.from_dict(r.plan))
+                    for r in front_records(self.records(), getattr(self, "latency_confirmation", None))]
         for h, plan in tqdm(targets, desc="confirm", unit="model", disable=not self.progress, leave=False):
             have = self.store.get(h)
             if have is None or not have.has(self.split.confirm):
@@ -366,7 +383,8 @@ class SearchRun:
 
         t0 = time.perf_counter()
         stages = [("reference", self.reference), ("sensitivity", self.sensitivity), ("study", self.open_study),
-                  ("warm start", self.warm_start), ("trials", self.trials), ("confirm", self.confirm)]
+                  ("warm start", self.warm_start), ("trials", self.trials),
+                  ("latency confirm", self.confirm_latency), ("confirm", self.confirm)]
         done = []
         try:
             for name, stage in stages:
