@@ -14,6 +14,7 @@ results (told to Optuna, so the sampler learns the region), recorded as `repeat_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -44,9 +45,24 @@ def make_sampler(strategy: str, seed: int, n_warm: int):
                                       n_startup_trials=max(0, 10 - n_warm))
 
 
+@dataclass
+class ProposalContext:
+    """What proposing reads: the study and its space, the ranked groups, and the scored plans so far."""
+
+    study: optuna.Study
+    space: object  # sensq.search_spaces.SearchSpace
+    ranked: list[str]  # groups in sensitivity order
+    ws: object  # sensq.quantize.Workspace (builds plans from choices)
+    groups: dict[str, list[str]]
+    settings: object  # SearchSettings: strategy, seed, worker
+    scored_plans: Callable[[], dict[str, int]]  # plan key -> trial number (scored or in flight)
+    records: Callable[[], list]  # the study's TrialRecords
+    defaults: Callable[[dict | None], dict]  # a plan's default knobs (method, percentile, ...)
+
+
 class Proposer:
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, ctx: ProposalContext):
+        self.ctx = ctx
         self.repeats = 0
         self.model_repeats = 0  # of those, proposals whose plan was new but built an already scored model
         self.exhausted = False
@@ -55,20 +71,20 @@ class Proposer:
 
     def next(self) -> Proposal | None:
         """The next plan not scored yet (None when the strategy has nothing left, e.g. greedy after every group)."""
-        run = self.run
+        ctx = self.ctx
         while not self.exhausted:
-            if run.settings.strategy == "greedy":
+            if ctx.settings.strategy == "greedy":
                 return self._greedy()
-            trial = run.study.ask()
-            workers.claim(run.study, trial, run.settings.worker)
-            choice = run.space.suggest(trial, run.ranked)
-            plan = run.space.plan(run.ws, run.groups, choice)
+            trial = ctx.study.ask()
+            workers.claim(ctx.study, trial, ctx.settings.worker)
+            choice = ctx.space.suggest(trial, ctx.ranked)
+            plan = ctx.space.plan(ctx.ws, ctx.groups, choice)
             attrs = trial.user_attrs
-            earlier = run.scored_plans().get(plan.key())
+            earlier = ctx.scored_plans().get(plan.key())
             if earlier is None:
                 return Proposal(trial, plan, choice["float_groups"], attrs.get("source", "search"), attrs.get("label", ""))
             trial.set_user_attr("duplicate_of", earlier)
-            run.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             self.repeated()
         return None
 
@@ -90,55 +106,55 @@ class Proposer:
             self._in_a_row = 0
 
     def _greedy(self) -> Proposal | None:
-        run = self.run
-        done = run.scored_plans()
-        for n in range(len(run.ranked) + 1):
-            groups = run.ranked[:n]
-            plan = run.space.plan(run.ws, run.groups, {"float_groups": groups, "group_methods": {}})
+        ctx = self.ctx
+        done = ctx.scored_plans()
+        for n in range(len(ctx.ranked) + 1):
+            groups = ctx.ranked[:n]
+            plan = ctx.space.plan(ctx.ws, ctx.groups, {"float_groups": groups, "group_methods": {}})
             if plan.key() not in done:
                 label = "all-INT8" if n == 0 else f"greedy: top-{n} float"
-                trial = run.study.ask()
-                workers.claim(run.study, trial, run.settings.worker)
+                trial = ctx.study.ask()
+                workers.claim(ctx.study, trial, ctx.settings.worker)
                 return Proposal(trial, plan, groups, "greedy", label)
         return None
 
     def _enqueue_mutation(self) -> None:
         """A seeded one-knob change of a trial on the sampler's front that gives a plan not scored yet (any scored
         trial's neighbours, in a fixed order, when the front's are all scored)."""
-        run = self.run
-        recs = [r for r in run.records() if r.source != "sensitivity"]
+        ctx = self.ctx
+        recs = [r for r in ctx.records() if r.source != "sensitivity"]
         if not recs:
             return
-        rng = np.random.default_rng([run.settings.seed, len(run.study.trials)])
+        rng = np.random.default_rng([ctx.settings.seed, len(ctx.study.trials)])
         front = [recs[i] for i in front_indices([r.delta_int8 for r in recs], [r.cost_proxy for r in recs])]
-        done = run.scored_plans()
+        done = ctx.scored_plans()
         tries = [(front[int(rng.integers(len(front)))], None) for _ in range(50)] + [(r, k) for r in recs for k in self._knobs()]
         for base, knob in tries:
             params = self._mutate(base, knob, rng)
             if params is not None and self._plan(params).key() not in done:
-                run.study.enqueue_trial(params, user_attrs={"source": "mutation", "label": ""})
+                ctx.study.enqueue_trial(params, user_attrs={"source": "mutation", "label": ""})
                 return
 
     def _knobs(self) -> list:
         """Every single change: each toggle flipped, each categorical knob set to each of its choices."""
-        run = self.run
-        precision = next((sp for sp in run.space.params.values() if sp.get("type") == "group_precision"), None)
+        ctx = self.ctx
+        precision = next((sp for sp in ctx.space.params.values() if sp.get("type") == "group_precision"), None)
         if precision:
-            out = [("set", f"precision:{g}", c) for g in run.space.toggled(run.ranked) for c in precision["choices"]]
+            out = [("set", f"precision:{g}", c) for g in ctx.space.toggled(ctx.ranked) for c in precision["choices"]]
         else:
-            out = [("toggle", g) for g in run.space.toggled(run.ranked)]
-        for k, spec in sorted(run.space.params.items()):
+            out = [("toggle", g) for g in ctx.space.toggled(ctx.ranked)]
+        for k, spec in sorted(ctx.space.params.items()):
             if spec.get("type") == "categorical":
                 out += [("set", k, c) for c in spec["choices"]]
         return out
 
     def _mutate(self, base, knob, rng) -> dict | None:
-        run = self.run
-        toggled = run.space.toggled(run.ranked)
-        params = run.space.seed_params(run.ranked, [g for g in base.float_groups if g in toggled], run.defaults(base.plan))
+        ctx = self.ctx
+        toggled = ctx.space.toggled(ctx.ranked)
+        params = ctx.space.seed_params(ctx.ranked, [g for g in base.float_groups if g in toggled], ctx.defaults(base.plan))
         a16 = set(base.plan.get("a16_nodes") or [])
         for g in toggled:  # the base's 16-bit groups (records name float groups only)
-            if a16 and f"precision:{g}" in params and set(run.groups[g]) <= a16:
+            if a16 and f"precision:{g}" in params and set(ctx.groups[g]) <= a16:
                 params[f"precision:{g}"] = "a16"
         if knob is None:  # random: a categorical knob 30 % of the time, else a toggle
             knobs = self._knobs()
@@ -153,19 +169,19 @@ class Proposer:
         else:
             params[knob[1]] = knob[2]
         if params.get("method") == "percentile" and "percentile_tail" not in params:
-            params["percentile_tail"] = 100.0 - run.ws.base_plan.percentile
+            params["percentile_tail"] = 100.0 - ctx.ws.base_plan.percentile
         if params.get("method") != "percentile":
             params.pop("percentile_tail", None)
         return params
 
     def _plan(self, params: dict):
         """The plan space.suggest() will build from these (enqueued) params."""
-        run = self.run
-        toggled = run.space.toggled(run.ranked)
-        categorical = {k for k, s in run.space.params.items() if s.get("type") == "categorical"}
+        ctx = self.ctx
+        toggled = ctx.space.toggled(ctx.ranked)
+        categorical = {k for k, s in ctx.space.params.items() if s.get("type") == "categorical"}
         choice = {"float_groups": [g for g in toggled if params.get(f"float:{g}") or params.get(f"precision:{g}") == "fp32"],
                   "a16_groups": [g for g in toggled if params.get(f"precision:{g}") == "a16"], "group_methods": {},
                   **{k: v for k, v in params.items() if k in categorical}}
         if params.get("method") == "percentile":
             choice["percentile"] = round(100.0 - params["percentile_tail"], 6)
-        return run.space.plan(run.ws, run.groups, choice)
+        return ctx.space.plan(ctx.ws, ctx.groups, choice)

@@ -30,6 +30,31 @@ class SearchResult:
     summary: dict = field(default_factory=dict)
 
 
+@dataclass
+class ReportInputs:
+    """What the report reads from a finished (or interrupted) search; SearchRun.report_inputs() fills it."""
+
+    records: list[TrialRecord]
+    fp32: dict  # FP32's row (fp32_row)
+    fp32_hash: str
+    int8_hash: str
+    store: object  # evaluators/scoring.SampleStore: per-sample results by model hash
+    split: object  # search/splits.Split
+    settings: object  # SearchSettings
+    per_sample: bool  # the evaluator gives per-sample results (intervals possible)
+    sens: object  # sensq.sensitivity.SensitivityResult
+    workdir: Path
+    stage_seconds: dict
+    repeats: int  # proposals skipped as repeats
+    backend_unit: str
+    backend_spec: str
+    target: str
+    scored_by: str | None
+    machine: dict
+    latency_confirmation: object = None  # search/latency_confirm.LatencyConfirmation, None when it did not run
+    sens_paths: dict = field(default_factory=dict)
+
+
 HV_METRIC_MARGIN = 0.03  # hypervolume reference point: (1.0 x FP32 latency, FP32 metric - 0.03), documented in docs
 
 
@@ -93,26 +118,26 @@ def trial_row(rec: TrialRecord) -> dict:
             "structure_key": rec.structure_key, "model_hash": rec.model_hash, "plan": rec.plan}
 
 
-def fp32_row(run) -> dict:
-    lat = run.fp32_latency
+def fp32_row(metric: float, lat, machine: dict, fp32_hash: str) -> dict:
+    """FP32's reported point: its metric on the search split, its latency (LatencyResult) measured in this run."""
     return {"trial": -1, "label": "FP32", "source": "reference", "float_groups": ["(all)"], "n_float_nodes": None,
             "method": "-", "percentile": None, "per_channel": None, "overflow_fix": None,
-            "metric": run.fp32.value(run.split.search), "ratio": 1.0, "ratio_lo": 1.0, "ratio_hi": 1.0,
+            "metric": metric, "ratio": 1.0, "ratio_lo": 1.0, "ratio_hi": 1.0,
             "latency_value": lat.value, "latency_iqr": lat.spread, "latency_unit": lat.unit,
-            "fp32_value_same_rounds": lat.value, "latency_date": run.machine["date"],
-            "machine_id": run.machine["machine_id"], "gbops": None, "plan_key": None, "structure_key": None,
-            "model_hash": run.fp32_hash}
+            "fp32_value_same_rounds": lat.value, "latency_date": machine["date"],
+            "machine_id": machine["machine_id"], "gbops": None, "plan_key": None, "structure_key": None,
+            "model_hash": fp32_hash}
 
 
-def _add_intervals(rows: list[dict], run, boot, prefix: str) -> None:
+def _add_intervals(rows: list[dict], inp, boot, prefix: str) -> None:
     """metric, difference to FP32 and to all-INT8 with 95 % paired intervals, over the bootstrap's samples."""
     if boot is None:
         return
     indices = boot.indices
-    fp32 = run.store.get(run.fp32_hash)
-    int8 = run.store.get(run.int8_hash)
+    fp32 = inp.store.get(inp.fp32_hash)
+    int8 = inp.store.get(inp.int8_hash)
     for row in rows:
-        samples = run.store.get(row["model_hash"])
+        samples = inp.store.get(row["model_hash"])
         if samples is None or not samples.has(indices):
             continue
         m = boot.metric(samples)
@@ -122,17 +147,17 @@ def _add_intervals(rows: list[dict], run, boot, prefix: str) -> None:
             row[f"{prefix}d_{name}"], row[f"{prefix}d_{name}_lo"], row[f"{prefix}d_{name}_hi"] = d.value, d.lo, d.hi
 
 
-def _neighbours(front: list[dict], run, boot) -> list[str]:
+def _neighbours(front: list[dict], inp, boot) -> list[str]:
     """Adjacent front points that the data cannot tell apart (metric interval of the paired difference spans 0,
     or overlapping latency-ratio intervals)."""
     notes = []
     for a, b in zip(front, front[1:]):
         parts = []
-        sa, sb = run.store.get(a["model_hash"]), run.store.get(b["model_hash"])
+        sa, sb = inp.store.get(a["model_hash"]), inp.store.get(b["model_hash"])
         if boot is not None and sa is not None and sb is not None:
             d = boot.difference(sb, sa)
             if d.lo <= 0 <= d.hi:
-                parts.append(f"{run.sens.metric_name} difference {d.value:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}] includes 0")
+                parts.append(f"{inp.sens.metric_name} difference {d.value:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}] includes 0")
         if None not in (a["ratio_hi"], b["ratio_lo"]) and b["ratio_lo"] <= a["ratio_hi"]:
             parts.append("latency intervals overlap")
         if parts:
@@ -146,37 +171,36 @@ def recommend(front: list[dict], max_drop: float, key: str = "d_fp32") -> dict |
     return min(ok, key=lambda r: r["ratio"]) if ok else None
 
 
-def build_result(run, seconds: float):
+def build_result(inp: ReportInputs, seconds: float):
     from ..reports.pareto_report import write_pareto_report
 
-    recs = run.records()
-    confirmation = getattr(run, "latency_confirmation", None)
-    rows = [fp32_row(run)] + [trial_row(r) for r in full_records(recs)]
+    recs = inp.records
+    confirmation = inp.latency_confirmation
+    rows = [dict(inp.fp32)] + [trial_row(r) for r in full_records(recs)]
     apply_confirmation(rows, confirmation)
     idx = mark_front(rows, confirmation)
     front = [rows[i] for i in idx]
-    all_int8 = next((r for r in rows if r["model_hash"] == run.int8_hash), None)
+    all_int8 = next((r for r in rows if r["model_hash"] == inp.int8_hash), None)
     shown = front + [r for r in (rows[0], all_int8) if r is not None and not r["on_front"]]
-    boots = {part: PairedBootstrap(idx, run.settings.n_boot, run.settings.seed)
-             if run.scorer.per_sample and len(idx) else None
-             for part, idx in (("search", run.split.search), ("confirm", run.split.confirm))}
-    _add_intervals(shown, run, boots["search"], "")
-    _add_intervals(shown, run, boots["confirm"], "confirm_")
+    boots = {part: PairedBootstrap(idx, inp.settings.n_boot, inp.settings.seed)
+             if inp.per_sample and len(idx) else None
+             for part, idx in (("search", inp.split.search), ("confirm", inp.split.confirm))}
+    _add_intervals(shown, inp, boots["search"], "")
+    _add_intervals(shown, inp, boots["confirm"], "confirm_")
     for r in shown:
         if r.get("confirm_metric") is not None:
             r["optimism"] = r["metric"] - r["confirm_metric"]
-    rec = recommend(front, run.settings.max_drop)
+    rec = recommend(front, inp.settings.max_drop)
     for r in rows:
         r["recommended"] = rec is not None and r["trial"] == rec["trial"]
-    summary = _summary(run, recs, rows, front, rec)
-    summary["neighbours"] = _neighbours(front, run, boots["search"])
+    summary = _summary(inp, recs, rows, front, rec)
+    summary["neighbours"] = _neighbours(front, inp, boots["search"])
     summary["monotone_violations"] = [r["monotone_violation"] for r in rows if r["monotone_violation"]]
     summary["latency_confirmation"] = _confirmation_summary(confirmation, rows)
-    paths = write_pareto_report(rows, front, summary, run.workdir)
-    paths["trials"] = write_trials_csv(recs, run.workdir / "trials.csv")
-    paths.update({f"sensitivity {k}": v for k, v in getattr(run, "sens_paths", {}).items()})
-    return SearchResult(recs, rows, front, rec, run.sens, paths, seconds, dict(run.stage_seconds),
-                        run.proposer.repeats, summary)
+    paths = write_pareto_report(rows, front, summary, inp.workdir)
+    paths["trials"] = write_trials_csv(recs, inp.workdir / "trials.csv")
+    paths.update({f"sensitivity {k}": v for k, v in inp.sens_paths.items()})
+    return SearchResult(recs, rows, front, rec, inp.sens, paths, seconds, dict(inp.stage_seconds), inp.repeats, summary)
 
 
 def _confirmation_summary(confirmation, rows: list[dict]) -> dict | None:
@@ -212,32 +236,32 @@ def write_trials_csv(recs: list[TrialRecord], path) -> object:
     return path
 
 
-def _summary(run, recs, rows, front, rec) -> dict:
+def _summary(inp, recs, rows, front, rec) -> dict:
     fp32_metric = rows[0]["metric"]
     ref = (1.0, fp32_metric - HV_METRIC_MARGIN)
     searched = [r for r in recs if r.source != "sensitivity"]
     pruned = [r for r in searched if r.pruned]
     full_cost = [r.seconds.get("full", 0.0) for r in searched if not r.pruned and "full" in r.seconds]
-    s = run.settings
+    s = inp.settings
     timed = [r for r in rows if r["trial"] >= 0 and r["ratio_lo"] is not None]
     return {
-        "metric_name": run.sens.metric_name, "latency_unit": run.backend.unit, "latency_backend": run.backend.spec,
-        "target": run.target.name, "scored_by": getattr(run, "scored_by", None), "machine": run.machine, "strategy": s.strategy, "budget": s.budget,
-        "distinct_plans": len({r.plan_key for r in searched if r.repeat_of is None}), "repeats": run.proposer.repeats,
+        "metric_name": inp.sens.metric_name, "latency_unit": inp.backend_unit, "latency_backend": inp.backend_spec,
+        "target": inp.target, "scored_by": inp.scored_by, "machine": inp.machine, "strategy": s.strategy, "budget": s.budget,
+        "distinct_plans": len({r.plan_key for r in searched if r.repeat_of is None}), "repeats": inp.repeats,
         # trial -> the earlier trial whose built model it gave (not scored again; its results reused)
         "model_repeats": {r.number: r.repeat_of for r in searched if r.repeat_of is not None},
         "rejected": {r.number: r.rejected for r in searched if r.rejected},
         "pruned": len(pruned), "prune_alpha": PRUNE_ALPHA,
         "saved_seconds_estimate": len(pruned) * (float(np.mean(full_cost)) if full_cost else 0.0),
-        "search_samples": len(run.split.search), "confirm_samples": len(run.split.confirm), "low_fidelity": run.split.low,
+        "search_samples": len(inp.split.search), "confirm_samples": len(inp.split.confirm), "low_fidelity": inp.split.low,
         "hypervolume_ref": {"ratio": ref[0], "metric": ref[1]},
         "hypervolume": hypervolume([r["metric"] for r in front], [r["ratio"] for r in front], ref[1], ref[0]),
         "max_drop": s.max_drop, "recommended_trial": None if rec is None else rec["trial"],
-        "recommendation_rule": (f"the fastest front point whose {run.sens.metric_name} on the search split is within "
+        "recommendation_rule": (f"the fastest front point whose {inp.sens.metric_name} on the search split is within "
                                 f"{s.max_drop} of FP32 (point estimate); its confirm-split score is the one to expect"),
-        "stage_seconds": dict(run.stage_seconds), "fp32_ms_this_run": rows[0]["latency_value"],
-        "fp32_spread_this_run": run.fp32_latency.spread, "sensitivity_notes": run.sens.notes,
-        "proxy_agreement": run.sens.proxy_agreement if math.isfinite(run.sens.proxy_agreement) else None,
+        "stage_seconds": dict(inp.stage_seconds), "fp32_ms_this_run": rows[0]["latency_value"],
+        "fp32_spread_this_run": rows[0]["latency_iqr"], "sensitivity_notes": inp.sens.notes,
+        "proxy_agreement": inp.sens.proxy_agreement if math.isfinite(inp.sens.proxy_agreement) else None,
         # float islands whose conversions cost more than INT8 saves: measured slower than FP32 with confidence
         "slower_than_fp32": [r["trial"] for r in timed if r["ratio_lo"] > 1.0],
         # no INT8 plan measurably faster than FP32 (every interval reaches 1x): the search trades accuracy only

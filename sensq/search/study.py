@@ -34,16 +34,16 @@ from ..search_spaces import load_space
 from ..sensitivity import SensitivityResult, evaluator_signature, quantizable_groups, run_sensitivity
 from ..targets import get_target
 from .fidelity import PRUNE_BOOT, ratio_and_ci
-from .proposals import Proposer, make_sampler
+from .proposals import ProposalContext, Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
 from .latency_confirm import confirm_latency
-from .results import SearchResult, fp32_row, trial_row, build_result, front_records, full_records
+from .results import ReportInputs, SearchResult, build_result, fp32_row, front_records, full_records, trial_row
 from .splits import Split, make_split
 from .warm_start import SensitivityTrials, seed_study
 from . import workers
 from .coordination import Coordinator, open_storage
-from .trials import TrialEvaluator
+from .trials import TrialContext, TrialEvaluator
 
 log = logging.getLogger("sensq")
 
@@ -75,9 +75,8 @@ class SearchRun:
         # per machine (not the cache dir, which may be shared by several machines): one timing at a time here
         self.lock_dir = Path(tempfile.gettempdir()) / f"sensq-{getattr(os, 'getuid', lambda: 0)()}"
         self._shared_book = book
-        self.evaluate_trial = TrialEvaluator(self)
         self.stage_seconds: dict[str, float] = {}
-        self.proposer = Proposer(self)
+        self.latency_confirmation = None
         self.low_values: dict[int, float] = {}  # trial number -> value on the low-fidelity samples (pruning's memo)
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -236,6 +235,13 @@ class SearchRun:
         # a book passed in (benchmarks: several strategies measured side by side) stays the caller's
         self.book = self._shared_book if self._shared_book is not None else LatencyBook(self.study)
         self.write_search_json()
+        # the trial and proposal stages get what they read, now that the reference and the study exist
+        self.evaluate_trial = TrialEvaluator(TrialContext(
+            self.ws, self.split, self.scorer, self.int8, self.low_boot, self.low_values, self.book, self.backend,
+            self.reference_timer, self.machine, self.lock_dir, self.run_id, cost=self.float_mac_share,
+            candidates=self.finished_candidates, guard=self.guard, session_factory=self.session_factory))
+        self.proposer = Proposer(ProposalContext(self.study, self.space, self.ranked, self.ws, self.groups, s,
+                                                 self.scored_plans, self.records, self.defaults))
 
     def warm_start(self) -> None:
         if self.settings.strategy == "greedy":
@@ -343,7 +349,7 @@ class SearchRun:
         budget = self.settings.latency_confirm
         if self.backend.deterministic or not budget:
             return
-        rows = [fp32_row(self)] + [trial_row(r) for r in full_records(self.records())]
+        rows = [self.fp32_row()] + [trial_row(r) for r in full_records(self.records())]
         if len(rows) < 2:
             return
         self.latency_confirmation = confirm_latency(
@@ -359,7 +365,7 @@ class SearchRun:
             return
         targets = [(self.fp32_hash, None), (self.int8_hash, self.ws.base_plan)]
         targets += [(r.model_hash, PrecisionPlan.from_dict(r.plan))
-                    for r in front_records(self.records(), getattr(self, "latency_confirmation", None))]
+                    for r in front_records(self.records(), self.latency_confirmation)]
         for h, plan in tqdm(targets, desc="confirm", unit="model", disable=not self.progress, leave=False):
             have = self.store.get(h)
             if have is None or not have.has(self.split.confirm):
@@ -378,6 +384,15 @@ class SearchRun:
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(self.workdir / "search.json")  # atomic: export and other workers never read half a file
 
+    def fp32_row(self) -> dict:
+        return fp32_row(self.fp32.value(self.split.search), self.fp32_latency, self.machine, self.fp32_hash)
+
+    def report_inputs(self) -> ReportInputs:
+        return ReportInputs(self.records(), self.fp32_row(), self.fp32_hash, self.int8_hash, self.store, self.split,
+                            self.settings, self.scorer.per_sample, self.sens, self.workdir, dict(self.stage_seconds),
+                            self.proposer.repeats, self.backend.unit, self.backend.spec, self.target.name,
+                            self.scored_by, self.machine, self.latency_confirmation, self.sens_paths)
+
     # ---------------------------------------------------------------------------------------------- driver
     def run(self) -> SearchResult:
 
@@ -395,7 +410,7 @@ class SearchRun:
         finally:
             if "study" in done:  # whatever finished is reported, also after Ctrl-C or an error
                 self.reference_timer.close()
-                result = build_result(self, time.perf_counter() - t0)
+                result = build_result(self.report_inputs(), time.perf_counter() - t0)
         return result
 
 

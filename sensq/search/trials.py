@@ -6,8 +6,11 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import RuntimeRejected
+from ..evaluators.scoring import model_hash
 from ..latency import bops, measure_paired, measurement_lock, structure_key
 from ..latency.fusion import fusion_report
 from ..plan import PrecisionPlan
@@ -18,22 +21,44 @@ from .records import LatencyBook, TrialRecord
 log = logging.getLogger("sensq")
 
 
+@dataclass
+class TrialContext:
+    """What a trial reads, set up by the search's reference and study stages."""
+
+    ws: object  # sensq.quantize.Workspace: builds the plan
+    split: object  # search/splits.Split
+    scorer: object  # evaluators/scoring.Scorer (per-sample results in the shared store)
+    int8: object  # all-INT8's per-sample results (delta_int8)
+    low_boot: object  # PairedBootstrap over the low-fidelity samples (pruning)
+    low_values: dict  # trial -> value on the low-fidelity samples (pruning's memo, shared across trials)
+    book: LatencyBook  # latency per graph structure and machine
+    backend: object  # latency backend
+    reference_timer: object  # FP32 side of paired timing
+    machine: dict
+    lock_dir: object
+    run_id: str
+    cost: Callable  # plan -> the sampler's cost (float-MAC share)
+    candidates: Callable  # () -> finished full trials: (number, plan, load, measured latency)
+    guard: Callable | None = None  # (model, plan) -> rejection reason or None
+    session_factory: Callable | None = None  # the scoring runtime's sessions (OpenVINO), None: ORT
+
+
 class TrialEvaluator:
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, ctx: TrialContext):
+        self.ctx = ctx
 
     def record(self, number: int, plan: PrecisionPlan, label: str, source: str, float_groups) -> TrialRecord:
         return TrialRecord(number=number, plan=plan.to_dict(), plan_key=plan.key(), label=label, source=source,
-                           float_groups=list(float_groups), cost_proxy=self.run.float_mac_share(plan))
+                           float_groups=list(float_groups), cost_proxy=self.ctx.cost(plan))
 
     def evaluate(self, rec: TrialRecord, prune: bool = True, same_model=None) -> TrialRecord:
         """Build, guard, score (low fidelity, then full unless pruned) and time one plan. `same_model(hash)` returns
         the earlier trial that built the very same model, if any: then nothing is scored again (one model, one trial)."""
-        run, split = self.run, self.run.split
+        ctx, split = self.ctx, self.ctx.split
         plan = PrecisionPlan.from_dict(rec.plan)
         t0 = time.perf_counter()
-        qmodel = run.ws.build(plan)
-        rec.model_hash, rec.structure_key = run.hash(qmodel), structure_key(qmodel)
+        qmodel = ctx.ws.build(plan)
+        rec.model_hash, rec.structure_key = model_hash(qmodel), structure_key(qmodel)
         earlier = same_model(rec.model_hash) if same_model is not None else None
         if earlier is not None:
             rec.copy_measurements(earlier)
@@ -41,25 +66,25 @@ class TrialEvaluator:
             log.info("trial %d builds the same model as trial %d: its results are reused, not scored again",
                      rec.number, earlier.number)
             return rec
-        guard = getattr(run, "guard", None)
+        guard = ctx.guard
         rec.rejected = guard(qmodel, plan) if guard is not None else None
         rec.seconds["build"] = round(time.perf_counter() - t0, 3)
         if rec.rejected:  # never scored: its number would be a builder bug on the record (sensq/guard.py)
             log.warning("trial %d: %s", rec.number, rec.rejected)
             return rec
-        session = _LazySession(qmodel, getattr(run, "session_factory", None))
+        session = _LazySession(qmodel, ctx.session_factory)
         t1 = time.perf_counter()
-        low = run.scorer.score(session, rec.model_hash, split.low_indices)
+        low = ctx.scorer.score(session, rec.model_hash, split.low_indices)
         rec.seconds["low"] = round(time.perf_counter() - t1, 3)
         self._set_metric(rec, low, split.low_indices)
-        if prune and split.low < len(split.search) and run.scorer.per_sample:
-            decision = prune_decision(rec.plan, low, run.finished_candidates(), run.low_boot, run.low_values,
+        if prune and split.low < len(split.search) and ctx.scorer.per_sample:
+            decision = prune_decision(rec.plan, low, ctx.candidates(), ctx.low_boot, ctx.low_values,
                                       latency=lambda: self._measured_value(rec, qmodel))
             if decision is not None:
                 rec.pruned = decision.to_dict()
                 return rec
         t2 = time.perf_counter()
-        full = run.scorer.score(session, rec.model_hash, split.search)
+        full = ctx.scorer.score(session, rec.model_hash, split.search)
         rec.seconds["full"] = round(time.perf_counter() - t2, 3)
         self._set_metric(rec, full, split.search)
         t3 = time.perf_counter()
@@ -82,33 +107,33 @@ class TrialEvaluator:
     def _set_metric(self, rec: TrialRecord, samples, indices) -> None:
         rec.fidelity = len(indices)
         rec.metric = samples.value(indices)
-        rec.delta_int8 = rec.metric - self.run.int8.value(indices)
+        rec.delta_int8 = rec.metric - self.ctx.int8.value(indices)
 
     def latency(self, model, skey: str) -> dict:
         """Paired latency of a built model vs FP32, shared by every trial with the same structure on this machine.
         A structure the runtime rejected is booked as such too: it raises RuntimeRejected again without a retry."""
-        run = self.run
-        key = LatencyBook.key(skey, run.machine["machine_id"], run.backend.spec)
-        found = run.book.get(key)
+        ctx = self.ctx
+        key = LatencyBook.key(skey, ctx.machine["machine_id"], ctx.backend.spec)
+        found = ctx.book.get(key)
         if found is not None:
             return _booked(found)
-        with measurement_lock(run.lock_dir):  # re-entrant: measure_paired takes it again
-            found = run.book.get(key)  # another worker may have measured this structure while we waited
+        with measurement_lock(ctx.lock_dir):  # re-entrant: measure_paired takes it again
+            found = ctx.book.get(key)  # another worker may have measured this structure while we waited
             if found is not None:
                 return _booked(found)
             try:
-                lat = measure_paired(run.backend, model, run.reference_timer, lock_dir=run.lock_dir)
+                lat = measure_paired(ctx.backend, model, ctx.reference_timer, lock_dir=ctx.lock_dir)
             except RuntimeRejected as e:
-                run.book.put(key, {"rejected": e.problem})
+                ctx.book.put(key, {"rejected": e.problem})
                 raise
-        value = {**lat.to_dict(), "machine_id": run.machine["machine_id"], "run_id": run.run_id,
+        value = {**lat.to_dict(), "machine_id": ctx.machine["machine_id"], "run_id": ctx.run_id,
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         details = value.pop("details", None) or {}
         if "round_ratios" in details:  # 12 numbers: the evidence the ratio and its interval come from
             value["round_ratios"] = details["round_ratios"]
-        if run.backend.name == "ort":  # what ORT left unfused: the conversions a float island costs on every run
-            value["fusion"] = fusion_report(model, reference=run.ws.model)
-        run.book.put(key, value)
+        if ctx.backend.name == "ort":  # what ORT left unfused: the conversions a float island costs on every run
+            value["fusion"] = fusion_report(model, reference=ctx.ws.model)
+        ctx.book.put(key, value)
         return value
 
 
