@@ -90,13 +90,20 @@ def _jsonable(v):
     return v
 
 
+def confirm_label(summary: dict) -> str:
+    """Header of the held-out columns: the search's metric on its confirm split, or (--rank-by agreement) the
+    labeled metric the label-free search is confirmed on."""
+    other = summary.get("confirm_metric_name")
+    return f"{other} (labeled confirm)" if other else f"{summary['metric_name']} (confirm)"
+
+
 def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -> str:
     """Terminal table of the front (cheapest first) and the notes a user needs before picking a point."""
     m, unit = summary["metric_name"], summary["latency_unit"]
     confirm = any(_ok(r.get("confirm_metric")) for r in front)
     retimed = summary.get("latency_confirmation") is not None
     head = (f"{'trial':>5}  {m + ' (search) [95% CI]':<28}  {'vs FP32':<26}"
-            + (f"  {m + ' (confirm)':<28}" if confirm else "") + f"  {'latency x FP32 [95% CI]':<25}"
+            + (f"  {confirm_label(summary):<28}" if confirm else "") + f"  {'latency x FP32 [95% CI]':<25}"
             + (f"  {'x FP32 during search':<25}" if retimed else "") + f"  {unit + ' (measured)':<16}  float groups")
     lines = [f"Pareto front: {len(front)} point(s); {m} higher is better, latency lower is better", head, "-" * len(head)]
     for r in front[:max_rows]:
@@ -173,7 +180,7 @@ def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> s
              if summary.get("recommended_trial") is not None else
              f"No recommended point: none is within {summary['max_drop']} of FP32 on the search split.", "",
              f"![pareto front]({png})", ""]
-    cols = ["trial", "label", f"{m} (search)", "Δ vs FP32", "Δ vs all-INT8", f"{m} (confirm)", "Δ vs FP32 (confirm)",
+    cols = ["trial", "label", f"{m} (search)", "Δ vs FP32", "Δ vs all-INT8", confirm_label(summary), "Δ vs FP32 (confirm)",
             "latency x FP32", "x FP32 during search", f"{unit} (measured)", "float groups", "method", "overflow fix"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in front:
@@ -223,7 +230,8 @@ def plot_pareto(rows: list[dict], front: list[dict], path: Path, summary: dict) 
     ax.plot(x, y, drawstyle="steps-post", color=plots.COLOR_FRONT, linewidth=1.0, zorder=2)
     ax.errorbar(x, y, xerr=np.maximum(xerr, 0), yerr=np.maximum(yerr, 0), fmt="o", color=plots.COLOR_FRONT, ms=5,
                 capsize=2, elinewidth=0.8, label=f"front, search split ({len(front)}; 95 % intervals)", zorder=3)
-    conf = [r for r in front if _ok(r.get("confirm_metric"))]
+    # a labeled confirmation of a label-free search is on another scale: in the table, not on this axis
+    conf = [] if summary.get("confirm_metric_name") else [r for r in front if _ok(r.get("confirm_metric"))]
     if conf:
         ax.scatter([r["ratio"] for r in conf], [r["confirm_metric"] for r in conf], s=36, facecolors="none",
                    edgecolors=plots.COLOR_REFERENCE, label="same points, held-out confirm split", zorder=4)

@@ -180,13 +180,22 @@ def cmd_search(args) -> int:
 
     if args.budget < 1:
         raise SensqError(f"--budget {args.budget} must be >= 1", "give the number of plans to evaluate, e.g. --budget 50")
+    if args.unlabeled and args.rank_by != "agreement":
+        raise SensqError("--unlabeled is read only with --rank-by agreement",
+                         "add --rank-by agreement (rank plans label-free on those images, confirm on --data)")
     cfg, ws, evaluator = setup(progress=not args.quiet, **options(args))
+    confirm_evaluator = None
+    if args.rank_by == "agreement":
+        from .defaults import ranking_evaluator
+
+        confirm_evaluator, evaluator = evaluator, ranking_evaluator(ws, evaluator, args.unlabeled, cfg.cache_dir)
     settings = SearchSettings(budget=args.budget, workdir=str(args.workdir or f"runs/{cfg.prefix}"), storage=args.storage,
                               study_name=args.study_name, seed=cfg.seed, space=args.space, latency=args.latency,
                               strategy=args.strategy, low_fidelity=args.low_fidelity, confirm=args.confirm,
                               limit=args.limit, sensitivity_budget=args.sensitivity_budget, max_drop=args.max_drop,
-                              latency_confirm=args.latency_confirm, depth=args.depth, group_by=args.unit, top_k=args.top_k, worker=args.worker)
-    res = run_search(ws, evaluator, settings, progress=not args.quiet)
+                              latency_confirm=args.latency_confirm, depth=args.depth, group_by=args.unit,
+                              top_k=args.top_k, worker=args.worker)
+    res = run_search(ws, evaluator, settings, progress=not args.quiet, confirm_evaluator=confirm_evaluator)
     print(f"search finished in {res.seconds / 60:.1f} min")
     return 0
 
@@ -309,6 +318,12 @@ def _search_parser(sub, common) -> None:
                    help=f"seconds for leave-one-out task-metric runs before the search (default {DEFAULT_BUDGET_SECONDS:.0f})")
     p.add_argument("--max-drop", type=float, default=0.005,
                    help="recommended point: the fastest on the front within this of FP32 on the search split (default 0.005)")
+    p.add_argument("--rank-by", choices=["metric", "agreement"], default="metric",
+                   help="what trials are scored by: the --data metric (default), or agreement with FP32 on --unlabeled "
+                        "images (label-free, more images, narrower intervals); with agreement the front is confirmed on "
+                        "all of --data's labeled samples")
+    p.add_argument("--unlabeled", metavar="DIR", help="images for --rank-by agreement (calibration and --data images "
+                                                     "are left out), e.g. the calibration pool")
     p.add_argument("--latency-confirm", type=float, default=LATENCY_CONFIRM_SECONDS, metavar="SECONDS",
                    help="after the trials, re-time the plans that may be on the front together with FP32 and all-INT8 "
                         f"in one interleaved session and build the front from those ratios (default {LATENCY_CONFIRM_SECONDS:.0f} s; 0: off)")

@@ -357,3 +357,30 @@ def setup(progress: bool = True, **options):
         refuse_overlap(cfg, evaluator, bool(options.get("allow_calib_on_eval")))
         ws = prepare(cfg, progress=progress)
     return cfg, ws, evaluator
+
+
+def ranking_evaluator(ws, labeled, unlabeled, cache_dir=None):
+    """--rank-by agreement: the label-free evaluator the search ranks plans with, on the images of `unlabeled`
+    minus the calibration images and the labeled evaluation images (those confirm the front: nothing may be
+    selected on them). The same pixels as the labeled evaluator (its preprocessing) or as calibration."""
+    from .evaluators.agreement import GOALS, describe, make_agreement_evaluator
+
+    if unlabeled is None:
+        raise SensqError("--rank-by agreement needs images to rank plans on",
+                         "pass --unlabeled DIR (e.g. the calibration pool: its calibration images are left out)")
+    if getattr(labeled, "primary", None) in GOALS:  # --data is an image folder: the search is label-free already
+        raise SensqError("--rank-by agreement needs labeled --data to confirm the front on",
+                         "pass a COCO / YOLO / ImageNet --data, or drop --rank-by (an image folder is label-free already)")
+    sources = getattr(ws.data, "sources", None) or []
+    calib = list(sources[0].files[:len(ws.data)]) if sources else []
+    scored = list(getattr(getattr(labeled, "data", None), "files", None) or [])
+    detector = is_detector(ws.cfg.model_path)
+    preprocess = getattr(labeled, "preprocess", None) if detector else None
+    if preprocess is None and sources and not detector:
+        preprocess = sources[0].image  # a classifier's: the calibration's crop and normalization
+    pixel_cache = str(Path(cache_dir) / "pixels") if cache_dir else None
+    ev = make_agreement_evaluator(unlabeled, model=str(ws.cfg.model_path), reference=ws.model, preprocess=preprocess,
+                                  exclude=calib + scored, pixel_cache=pixel_cache)
+    log.info("--rank-by agreement: trials ranked by %s; the front is confirmed on the %d labeled samples of --data "
+             "(calibration and labeled images left out of --unlabeled)", describe(ev), len(labeled))
+    return ev

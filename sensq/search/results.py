@@ -53,6 +53,9 @@ class ReportInputs:
     machine: dict
     latency_confirmation: object = None  # search/latency_confirm.LatencyConfirmation, None when it did not run
     sens_paths: dict = field(default_factory=dict)
+    confirm_store: object = None  # who holds the held-out scores (None: `store`); --rank-by agreement: the labeled
+    confirm_indices: object = None  # the held-out samples (None: split.confirm)
+    confirm_metric_name: str | None = None  # the held-out metric when it is not the search's (labeled vs agreement)
 
 
 HV_METRIC_MARGIN = 0.03  # hypervolume reference point: (1.0 x FP32 latency, FP32 metric - 0.03), documented in docs
@@ -129,15 +132,16 @@ def fp32_row(metric: float, lat, machine: dict, fp32_hash: str) -> dict:
             "model_hash": fp32_hash}
 
 
-def _add_intervals(rows: list[dict], inp, boot, prefix: str) -> None:
+def _add_intervals(rows: list[dict], inp, boot, prefix: str, store=None) -> None:
     """metric, difference to FP32 and to all-INT8 with 95 % paired intervals, over the bootstrap's samples."""
     if boot is None:
         return
+    store = store or inp.store
     indices = boot.indices
-    fp32 = inp.store.get(inp.fp32_hash)
-    int8 = inp.store.get(inp.int8_hash)
+    fp32 = store.get(inp.fp32_hash)
+    int8 = store.get(inp.int8_hash)
     for row in rows:
-        samples = inp.store.get(row["model_hash"])
+        samples = store.get(row["model_hash"])
         if samples is None or not samples.has(indices):
             continue
         m = boot.metric(samples)
@@ -182,21 +186,25 @@ def build_result(inp: ReportInputs, seconds: float):
     front = [rows[i] for i in idx]
     all_int8 = next((r for r in rows if r["model_hash"] == inp.int8_hash), None)
     shown = front + [r for r in (rows[0], all_int8) if r is not None and not r["on_front"]]
+    confirm_idx = inp.split.confirm if inp.confirm_indices is None else inp.confirm_indices
     boots = {part: PairedBootstrap(idx, inp.settings.n_boot, inp.settings.seed)
              if inp.per_sample and len(idx) else None
-             for part, idx in (("search", inp.split.search), ("confirm", inp.split.confirm))}
+             for part, idx in (("search", inp.split.search), ("confirm", confirm_idx))}
     _add_intervals(shown, inp, boots["search"], "")
-    _add_intervals(shown, inp, boots["confirm"], "confirm_")
+    _add_intervals(shown, inp, boots["confirm"], "confirm_", inp.confirm_store)
     for r in shown:
-        if r.get("confirm_metric") is not None:
+        if r.get("confirm_metric") is not None and inp.confirm_metric_name is None:  # same metric on both parts
             r["optimism"] = r["metric"] - r["confirm_metric"]
-    rec = recommend(front, inp.settings.max_drop)
+    # ranked label-free, confirmed labeled: the user's metric decides (the labeled samples selected no trial)
+    rec = recommend(front, inp.settings.max_drop, "confirm_d_fp32" if inp.confirm_metric_name else "d_fp32")
     for r in rows:
         r["recommended"] = rec is not None and r["trial"] == rec["trial"]
     summary = _summary(inp, recs, rows, front, rec)
     summary["neighbours"] = _neighbours(front, inp, boots["search"])
     summary["monotone_violations"] = [r["monotone_violation"] for r in rows if r["monotone_violation"]]
     summary["latency_confirmation"] = _confirmation_summary(confirmation, rows)
+    summary["confirm_samples"] = len(confirm_idx)
+    summary["confirm_metric_name"] = inp.confirm_metric_name
     paths = write_pareto_report(rows, front, summary, inp.workdir)
     paths["trials"] = write_trials_csv(recs, inp.workdir / "trials.csv")
     paths.update({f"sensitivity {k}": v for k, v in inp.sens_paths.items()})
@@ -257,7 +265,10 @@ def _summary(inp, recs, rows, front, rec) -> dict:
         "hypervolume_ref": {"ratio": ref[0], "metric": ref[1]},
         "hypervolume": hypervolume([r["metric"] for r in front], [r["ratio"] for r in front], ref[1], ref[0]),
         "max_drop": s.max_drop, "recommended_trial": None if rec is None else rec["trial"],
-        "recommendation_rule": (f"the fastest front point whose {inp.sens.metric_name} on the search split is within "
+        "recommendation_rule": (f"the fastest front point whose {inp.confirm_metric_name} on the labeled samples is within "
+                                f"{s.max_drop} of FP32 (point estimate; the front was ranked label-free)"
+                                if inp.confirm_metric_name else
+                                f"the fastest front point whose {inp.sens.metric_name} on the search split is within "
                                 f"{s.max_drop} of FP32 (point estimate); its confirm-split score is the one to expect"),
         "stage_seconds": dict(inp.stage_seconds), "fp32_ms_this_run": rows[0]["latency_value"],
         "fp32_spread_this_run": rows[0]["latency_iqr"], "sensitivity_notes": inp.sens.notes,

@@ -51,12 +51,15 @@ STORE_MEMORY = 4  # per-sample results kept in memory (the rest is read back fro
 
 
 class SearchRun:
-    def __init__(self, ws, evaluator, settings: SearchSettings, progress: bool = True, book: LatencyBook | None = None):
+    def __init__(self, ws, evaluator, settings: SearchSettings, progress: bool = True, book: LatencyBook | None = None,
+                 confirm_evaluator=None):
         if settings.strategy not in STRATEGIES:
             raise SensqError(f"unknown search strategy {settings.strategy!r}", f"use one of: {', '.join(STRATEGIES)}")
         if settings.budget < 1:
             raise SensqError(f"budget {settings.budget} must be >= 1", "give the number of plans to evaluate, e.g. --budget 50")
         self.ws, self.evaluator, self.settings, self.progress = ws, evaluator, settings, progress
+        # --rank-by agreement: trials are scored label-free, the front is confirmed on this (labeled) evaluator
+        self.confirm_evaluator = confirm_evaluator
         self.workdir = Path(settings.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.space = load_space(settings.space)
@@ -138,11 +141,13 @@ class SearchRun:
                              session_factory=self.session_factory)
         if self.scorer.per_sample:
             labels = getattr(getattr(ev, "data", None), "labels", None)
-            self.split = make_split(n, s.confirm, s.low_fidelity, s.seed, None if labels is None else labels[:n])
+            confirm = 0 if self.confirm_evaluator is not None else s.confirm  # the labeled set is the held-out part
+            self.split = make_split(n, confirm, s.low_fidelity, s.seed, None if labels is None else labels[:n])
         else:
             log.warning("evaluator %s returns no per-sample results: no held-out confirmation, no intervals, no pruning",
                         getattr(ev, "name", type(ev).__name__))
             self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
+        self.confirm_scorer, self.confirm_indices = self._confirm_scorer(runtime)
         self.low_boot = PairedBootstrap(self.split.low_indices, PRUNE_BOOT, s.seed)  # not n_boot (report-only); level per decision
         self.fp32_hash = model_hash(self.ws.model)
         int8_model = self.ws.build()
@@ -163,6 +168,21 @@ class SearchRun:
         self.reference_timer = Reference(self.backend, self.ws.model)
         with measurement_lock(self.lock_dir):
             self.fp32_latency = self.backend.measure(self.ws.model)  # this run's FP32, for "measured ms (this run)"
+
+    def _confirm_scorer(self, runtime: str):
+        """Who scores the front on held-out samples: the search's own scorer on its confirm split, or the labeled
+        evaluator of --rank-by agreement on all its samples (nothing was selected on them)."""
+        ev = self.confirm_evaluator
+        if ev is None:
+            return self.scorer, self.split.confirm
+        store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY, runtime=runtime)
+        n = min(self.settings.limit or len(ev), len(ev))
+        scorer = Scorer(ev, store, np.arange(n), busy=lambda: evaluation_lock(self.lock_dir),
+                        session_factory=self.session_factory)
+        if not scorer.per_sample:
+            raise SensqError("the labeled evaluator gives no per-sample results, so it cannot confirm the front",
+                             "use a built-in evaluator (COCO, YOLO, ImageNet) with --rank-by agreement")
+        return scorer, np.arange(n)
 
     def _reference_doc(self, int8_model) -> dict:
         split = self.split
@@ -361,15 +381,16 @@ class SearchRun:
     def confirm(self) -> None:
         """Re-score FP32, all-INT8 and the front on the held-out part (nothing was selected on it)."""
 
-        if len(self.split.confirm) == 0:
+        indices, scorer = self.confirm_indices, self.confirm_scorer
+        if len(indices) == 0:
             return
         targets = [(self.fp32_hash, None), (self.int8_hash, self.ws.base_plan)]
         targets += [(r.model_hash, PrecisionPlan.from_dict(r.plan))
                     for r in front_records(self.records(), self.latency_confirmation)]
         for h, plan in tqdm(targets, desc="confirm", unit="model", disable=not self.progress, leave=False):
-            have = self.store.get(h)
-            if have is None or not have.has(self.split.confirm):
-                self.scorer.score(self.ws.model if plan is None else self.ws.build(plan), h, self.split.confirm)
+            have = scorer.store.get(h)
+            if have is None or not have.has(indices):
+                scorer.score(self.ws.model if plan is None else self.ws.build(plan), h, indices)
 
     def write_search_json(self) -> None:
         s = self.settings
@@ -391,7 +412,9 @@ class SearchRun:
         return ReportInputs(self.records(), self.fp32_row(), self.fp32_hash, self.int8_hash, self.store, self.split,
                             self.settings, self.scorer.per_sample, self.sens, self.workdir, dict(self.stage_seconds),
                             self.proposer.repeats, self.backend.unit, self.backend.spec, self.target.name,
-                            self.scored_by, self.machine, self.latency_confirmation, self.sens_paths)
+                            self.scored_by, self.machine, self.latency_confirmation, self.sens_paths,
+                            self.confirm_scorer.store, self.confirm_indices,
+                            None if self.confirm_evaluator is None else _metric_name(self.confirm_evaluator))
 
     # ---------------------------------------------------------------------------------------------- driver
     def run(self) -> SearchResult:
@@ -414,6 +437,12 @@ class SearchRun:
         return result
 
 
-def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True, book: LatencyBook | None = None) -> SearchResult:
-    """Python API of `sensq search`."""
-    return SearchRun(ws, evaluator, settings, progress, book).run()
+def _metric_name(evaluator) -> str:
+    return getattr(evaluator, "metric_name", None) or getattr(evaluator, "primary", None) or "metric"
+
+
+def run_search(ws, evaluator, settings: SearchSettings, progress: bool = True, book: LatencyBook | None = None,
+               confirm_evaluator=None) -> SearchResult:
+    """Python API of `sensq search`. `confirm_evaluator`: --rank-by agreement's labeled evaluator (trials are scored
+    by `evaluator`, the label-free one, and the front is confirmed on all of this one's samples)."""
+    return SearchRun(ws, evaluator, settings, progress, book, confirm_evaluator).run()
