@@ -95,7 +95,8 @@ def check_run(workdir: Path, cache: Path, rounds: int) -> dict:
                      "search_ratio": r.get("search_ratio"), "retimed": re["ratio"], "retimed_iqr": re["iqr"],
                      "retimed_ci": re["ci"], "retimed_ms": re["ms"], "confirmed_ms": r.get("latency_value"),
                      "inside": lo - WIDEN <= re["ratio"] <= hi + WIDEN, "round_ratios": re["round_ratios"]})
-    hashes = trials.loc[trials["repeat_of"].isna() & ~trials["pruned"] & trials["model_hash"].notna(), "model_hash"]
+    scored = trials["repeat_of"].isna() & ~trials["pruned"] & trials["model_hash"].notna() & (trials["source"] != "sensitivity")
+    hashes = trials.loc[scored, "model_hash"]  # warm-start entries reuse the sensitivity pass's models by design
     return {"rows": rows, "fp32_ms_retimed": timed["models"][str(MODEL)]["ms"], "onnxruntime": timed["onnxruntime"],
             "superset_faster": superset_faster(front), "confirm_seconds": summary["stage_seconds"].get("latency confirm"),
             "latency_confirmation": summary.get("latency_confirmation"), "recommended_trial": summary.get("recommended_trial"),

@@ -121,3 +121,19 @@ def test_rows_not_retimed_never_reach_the_front(timed_run):
     _, res = timed_run
     assert all(r["latency_confirmed"] for r in res.front)
     assert all(not r["on_front"] for r in res.rows if not r["latency_confirmed"])
+
+
+def test_a_few_plans_are_retimed_well_rather_than_many_loosely():
+    from sensq.search.latency_confirm import MAX_PLANS, confirm_latency
+
+    # twelve plans, all overlapping the front; plan k costs 20 + k ms (FP32 30, all-INT8 20 = trial 0)
+    rows = [_row(-1, 0.300, 1.0, 1.0, 1.0, "fp32")]
+    rows += [_row(k, 0.280 + 0.001 * k, (20 + k) / 30, (18 + k) / 30, (22 + k) / 30) for k in range(12)]
+    for r in rows[1:]:
+        r["plan"] = {"cost": 20.0 + r["trial"]}
+    conf = confirm_latency(rows, lambda plan: plan["cost"], DriftingMachine(period=4000), 30.0, "fp32", 20.0, "h0", budget=60.0)
+    assert len(conf.trials) == MAX_PLANS + 1  # all-INT8's trial 0 plus MAX_PLANS others
+    assert all("closer to the front" in why for t, why in conf.skipped.items())
+    for h, m in conf.by_hash.items():  # exact costs on a drifting machine: every ratio recovered
+        cost = 30.0 if h == "fp32" else 20.0 + int(h[1:])
+        assert m["ratio"] == pytest.approx(cost / 30.0, rel=0.01)

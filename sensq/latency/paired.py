@@ -103,7 +103,7 @@ def measure_together(backend: LatencyBackend, models: dict, reference: str, seco
                      half_width: float = CONFIRM_HALF_WIDTH) -> dict:
     """Ratio of every model in `models` (name -> model) to `models[reference]`, all timed in the same rounds.
 
-    Each round runs every model `runs` times in a seeded random order; a model's ratio in a round is its median over
+    Each round runs every model once untimed and then `runs` times, in a seeded random order; a model's ratio in a round is its median over
     the reference's median in that round, so the whole set shares one moment of the machine (timing plans at their own
     moments, each against its own FP32 rounds, lets drift between those moments pass for a difference). Rounds go on
     until every interval is within `half_width` of its ratio or the time is up, at least `min_rounds`. Returns
@@ -126,6 +126,7 @@ def measure_together(backend: LatencyBackend, models: dict, reference: str, seco
             for r in range(max_rounds):
                 own = {n: [] for n in names}
                 for n in rng.permutation(names):
+                    timers[n]()  # untimed: the first run after another model pays for its caches, not for itself
                     own[n] += [timers[n]() for _ in range(runs)]
                 ref = float(np.median(own[reference]))
                 for n in names:
