@@ -2,8 +2,9 @@
 
     python bench/retime_independent.py REFERENCE.onnx A.onnx B.onnx ... [--rounds 20] [--threads 2] [--runs 2]
 
-Each round runs every model `--runs` times in a shuffled order (seeded); a model's ratio in a round is its median over
-the reference's median in that round. Prints one JSON object: per model the median ratio, its IQR over rounds, the
+Each round runs every model, in a shuffled order (seeded), `--warm` times untimed (default 1: the first run after
+another model pays for the caches that model evicted, which a deployment running one model does not) and then
+`--runs` times timed; a model's ratio in a round is its median over the reference's median in that round. Prints one JSON object: per model the median ratio, its IQR over rounds, the
 order-statistic 95 % interval of the median, and the model's median ms. Plain onnxruntime + numpy + scipy: the
 independent check of sensq's latency confirmation (bench/bench_front_repro.py).
 """
@@ -58,6 +59,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warm", type=int, default=1, help="untimed runs of a model before its timed runs in each round")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
@@ -72,6 +74,8 @@ def main() -> int:
     for _ in range(a.rounds):
         own = {p: [] for p in paths}
         for p in rng.permutation(paths):
+            for _ in range(a.warm):
+                sessions[p].run(None, inputs[p])
             for _ in range(a.runs):
                 t = time.perf_counter()
                 sessions[p].run(None, inputs[p])
@@ -80,7 +84,8 @@ def main() -> int:
         for p in paths:
             ratios[p].append(float(np.median(own[p]) / ref))
             times[p] += own[p]
-    out = {"onnxruntime": ort.__version__, "rounds": a.rounds, "runs": a.runs, "threads": a.threads, "models": {}}
+    out = {"onnxruntime": ort.__version__, "rounds": a.rounds, "runs": a.runs, "warm": a.warm, "threads": a.threads,
+           "models": {}}
     for p in paths:
         q25, q75 = np.percentile(ratios[p], [25, 75])
         out["models"][p] = {"ratio": float(np.median(ratios[p])), "iqr": [float(q25), float(q75)],

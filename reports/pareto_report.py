@@ -116,7 +116,8 @@ def format_front_summary(front: list[dict], summary: dict, max_rows: int = 15) -
     if len(front) > max_rows:
         lines.append(f"... {len(front) - max_rows} more on the front (see pareto.csv)")
     lines += [f"* recommended: {summary['recommendation_rule']}" if summary.get("recommended_trial") is not None
-              else f"no recommended point: no front point is within {summary['max_drop']} of FP32 on the search split"]
+              else f"no recommended point: no front point measurably faster than FP32 is within {summary['max_drop']} of "
+                   "FP32 (keep FP32, or raise --max-drop)"]
     lines += summary.get("neighbours", [])
     lines += summary.get("monotone_violations", [])
     if confirmation_line(summary):
@@ -178,7 +179,7 @@ def _markdown(rows: list[dict], front: list[dict], summary: dict, png: str) -> s
              f"'{unit} (measured)' is the model's own median and IQR in the run it was measured in.", "",
              f"Recommended: **trial {summary['recommended_trial']}** — {summary['recommendation_rule']}."
              if summary.get("recommended_trial") is not None else
-             f"No recommended point: none is within {summary['max_drop']} of FP32 on the search split.", "",
+             f"No recommended point: no front point measurably faster than FP32 is within {summary['max_drop']} of FP32.", "",
              f"![pareto front]({png})", ""]
     cols = ["trial", "label", f"{m} (search)", "Δ vs FP32", "Δ vs all-INT8", confirm_label(summary), "Δ vs FP32 (confirm)",
             "latency x FP32", "x FP32 during search", f"{unit} (measured)", "float groups", "method", "overflow fix"]

@@ -170,8 +170,10 @@ def _neighbours(front: list[dict], inp, boot) -> list[str]:
 
 
 def recommend(front: list[dict], max_drop: float, key: str = "d_fp32") -> dict | None:
-    """The fastest front point (not FP32) whose difference to FP32 on the search split is >= -max_drop."""
-    ok = [r for r in front if r["trial"] >= 0 and r.get(key) is not None and r[key] >= -max_drop]
+    """The fastest front point (not FP32) whose difference to FP32 on the search split is >= -max_drop and that is
+    faster than FP32 (its latency interval below 1x): a plan no faster than FP32 is no reason to leave FP32."""
+    ok = [r for r in front if r["trial"] >= 0 and r.get(key) is not None and r[key] >= -max_drop
+          and (r["ratio_hi"] if r.get("ratio_hi") is not None else r["ratio"]) < 1.0]
     return min(ok, key=lambda r: r["ratio"]) if ok else None
 
 
@@ -266,10 +268,11 @@ def _summary(inp, recs, rows, front, rec) -> dict:
         "hypervolume": hypervolume([r["metric"] for r in front], [r["ratio"] for r in front], ref[1], ref[0]),
         "max_drop": s.max_drop, "recommended_trial": None if rec is None else rec["trial"],
         "recommendation_rule": (f"the fastest front point whose {inp.confirm_metric_name} on the labeled samples is within "
-                                f"{s.max_drop} of FP32 (point estimate; the front was ranked label-free)"
+                                f"{s.max_drop} of FP32 (point estimate; the front was ranked label-free) and measurably faster than FP32"
                                 if inp.confirm_metric_name else
                                 f"the fastest front point whose {inp.sens.metric_name} on the search split is within "
-                                f"{s.max_drop} of FP32 (point estimate); its confirm-split score is the one to expect"),
+                                f"{s.max_drop} of FP32 (point estimate) and measurably faster than FP32; its confirm-split score is the "
+                                "one to expect"),
         "stage_seconds": dict(inp.stage_seconds), "fp32_ms_this_run": rows[0]["latency_value"],
         "fp32_spread_this_run": rows[0]["latency_iqr"], "sensitivity_notes": inp.sens.notes,
         "proxy_agreement": inp.sens.proxy_agreement if math.isfinite(inp.sens.proxy_agreement) else None,
