@@ -90,7 +90,8 @@ def main() -> int:
     args = ap.parse_args()
     out = RESULTS / "agreement_rank.json"
     docs = json.loads(out.read_text()) if out.is_file() else {}
-    docs = docs if "models" in docs else {"models": {}}  # older single-model files are replaced
+    if "models" not in docs:  # an older single-model file: kept as that model's entry
+        docs = {"models": {docs["model"]: docs} if docs else {}}
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             docs["models"][name] = rank_one(name, args.budget, Path(tmp))
