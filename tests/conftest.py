@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,38 @@ def isolated_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("sensq_cache")
     os.environ["SENSQ_CACHE"] = str(path)
     return path
+
+
+SYSTEM_TMP = tempfile.gettempdir()  # before the session's own temp folder below replaces it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_machine_lock(tmp_path_factory):
+    """A temp folder of this session's own, for this process and the sensq processes it starts (TMPDIR): a search
+    takes its machine-wide latency lock in <tempdir>/sensq-<uid>, so searches run by the tests wait for each other
+    (the multi-worker tests still share one lock) but never for a benchmark or search running beside the suite."""
+    path = tmp_path_factory.mktemp("tmp")
+    old_env, old_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = str(path)
+    yield path
+    tempfile.tempdir = old_dir
+    if old_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old_env
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """A multiprocessing context whose processes start as fast as forks and as clean as spawns: they are forked from
+    one server process, started fresh once per session with sensq already imported (a spawned process imports it
+    again, seconds each, every time). Like spawn, a child inherits no lock, file or thread of the test process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["numpy", "optuna", "sensq.search", "sensq.latency"])
+    return ctx
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +102,17 @@ def yolov5n_ws(yolov5n, coco_dir):
     return prepare(cfg, progress=False)
 
 
+@pytest.fixture(scope="session")
+def yolov5n_coco_fp32(yolov5n, coco_dir):
+    """yolov5n FP32 scored once on all the val images by the default COCO evaluator, shared by the tests that only
+    read the result: (evaluator, result, a copy of its detections: a later evaluate() replaces last_detections)."""
+    from sensq.evaluators.coco import make_coco_evaluator
+
+    ev = make_coco_evaluator(coco_dir)
+    res = ev.evaluate(yolov5n, progress=False)
+    return ev, res, ev.last_detections.copy()
+
+
 # ------------------------------------------------------------------------------------------------ PostgreSQL
 # A throw-away PostgreSQL server for the multi-worker tests (real storage, no mocks). .ci/run installs the binaries
 # and sets SENSQ_REQUIRE_POSTGRES, which turns "binaries missing" into a failure.
@@ -102,7 +146,6 @@ def postgres_server():
     """(url of the server's maintenance database, bindir); the server is stopped and its files removed at the end."""
     import shutil
     import subprocess
-    import tempfile
 
     bindir = postgres_bindir()
     if bindir is None:
@@ -110,7 +153,7 @@ def postgres_server():
         if os.environ.get("SENSQ_REQUIRE_POSTGRES"):  # set by .ci/run: CI must not pass by skipping
             pytest.fail(reason + " and SENSQ_REQUIRE_POSTGRES is set")
         pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="sensq-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="sensq-pg-", dir=SYSTEM_TMP))  # not under a 0700 pytest folder
     as_user: list[str] = []
     if os.geteuid() == 0:  # postgres refuses to run as root: run it as the postgres user
         import pwd

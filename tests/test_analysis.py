@@ -246,15 +246,12 @@ def test_isolated_error_is_measured_where_the_quantized_region_ends(ws):
     assert region_output_errors(model, full, feeds, tensors=["r1", "y"])["Output SNR"] == got["Output SNR"]
 
 
-def test_yolov5n_region_outputs_are_the_decode_inputs(yolov5n, coco_dir):
+def test_yolov5n_region_outputs_are_the_decode_inputs(yolov5n_ws):
     """yolov5n with its decode float: errors are measured at the three detection convs' outputs (box/objectness/class
     logits; the convs are float head layers, so they carry the features' error there), not at the decoded 1x25200x85
-    output whose box pixels (0-640) would outweigh the class scores."""
-    from sensq.config import InputParams, QuantizeConfig
-    from sensq.quantize import prepare
-
-    ws = prepare(QuantizeConfig(onnx_model=str(yolov5n), calibration_step=2,
-                                inputs=[InputParams(data_list_path=str(coco_dir / "train2017"))]), progress=False)
+    output whose box pixels (0-640) would outweigh the class scores. (The session's yolov5n workspace: default
+    config, calibrated on train2017; this test only reads it.)"""
+    ws = yolov5n_ws
     assert ws.head_layers == {f"/model.24/m.{i}/Conv" for i in range(3)} <= set(ws.base_plan.float_nodes)
     tensors = region_outputs(ws.builder.model, ws.probe_float_nodes())
     assert tensors == [f"/model.24/m.{i}/Conv_output_0" for i in range(3)]

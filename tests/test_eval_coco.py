@@ -202,8 +202,8 @@ def coco_eval(coco_dir, yolov5n):
 
 @pytest.mark.data
 @pytest.mark.slow
-def test_yolov5n_acceptance_map_on_206_images(coco_eval, yolov5n):
-    r = coco_eval.evaluate(yolov5n, progress=False)
+def test_yolov5n_acceptance_map_on_206_images(yolov5n_coco_fp32):
+    coco_eval, r, d = yolov5n_coco_fp32  # coco_eval.evaluate(yolov5n) on every image, run once per session
     assert r.n_samples == 206 and r.primary == "mAP50-95"
     assert abs(r.metrics["mAP50-95"] - 0.3045) <= 0.003
     assert abs(r.metrics["mAP50"] - 0.4825) <= 0.003
@@ -211,10 +211,9 @@ def test_yolov5n_acceptance_map_on_206_images(coco_eval, yolov5n):
     assert r.extra["layout"] == "yolov5"
     assert 0 < r.inference_seconds < r.seconds
     # The default array metric and stock pycocotools agree on these very detections.
-    stats, _, _ = pycocotools_eval(coco_eval.data.gt, coco_eval.last_detections, coco_eval.data.image_ids)
+    stats, _, _ = pycocotools_eval(coco_eval.data.gt, d, coco_eval.data.image_ids)
     np.testing.assert_array_equal([r.extra["coco_stats"][k] for k in COCO_STAT_NAMES], stats)
     # Detections are in original-image coordinates, with COCO category ids.
-    d = coco_eval.last_detections
     sizes = {i["id"]: (i["width"], i["height"]) for i in coco_eval.data.gt.dataset["images"]}
     w_max = np.array([sizes[int(i)][0] for i in d[:, 0]])
     assert (d[:, 1] >= 0).all() and (d[:, 1] + d[:, 3] <= w_max + 1e-6).all()

@@ -491,12 +491,10 @@ def _acquires_within(lock, lock_dir, seconds) -> bool:
     (True, True, True),     # two timings never overlap
     (False, False, False),  # evaluations run side by side
 ], ids=["timing-waits-for-evaluation", "evaluation-waits-for-timing", "timings-serialized", "evaluations-share"])
-def test_machine_lock_across_processes(tmp_path, other_exclusive, mine_exclusive, waits):
-    import multiprocessing as mp
-
+def test_machine_lock_across_processes(tmp_path, other_exclusive, mine_exclusive, waits, forkserver):
     from sensq.latency import evaluation_lock, measurement_lock
 
-    ctx = mp.get_context("spawn")
+    ctx = forkserver  # a clean process (no lock or file of this one), as spawn gives, without its imports each time
     held, release = ctx.Event(), ctx.Event()
     other = ctx.Process(target=_hold, args=(str(tmp_path), other_exclusive, held, release))
     other.start()
@@ -512,14 +510,12 @@ def test_machine_lock_across_processes(tmp_path, other_exclusive, mine_exclusive
         other.join(10)
 
 
-def test_timing_inside_an_evaluation_is_exclusive_and_goes_back_to_shared(tmp_path):
+def test_timing_inside_an_evaluation_is_exclusive_and_goes_back_to_shared(tmp_path, forkserver):
     """Re-entrant within a process: a timing inside this process's own evaluation does not wait for itself, holds
     the machine exclusively (another process cannot evaluate meanwhile), and leaves the shared hold as it was."""
-    import multiprocessing as mp
-
     from sensq.latency import evaluation_lock, measurement_lock
 
-    ctx = mp.get_context("spawn")
+    ctx = forkserver  # not fork: a forked child would share this process's flock
     with evaluation_lock(tmp_path):
         with measurement_lock(tmp_path):
             held, release = ctx.Event(), ctx.Event()

@@ -5,8 +5,6 @@ the report's held-out columns must be those numbers (means over all its samples 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -62,9 +60,11 @@ def test_the_recommendation_follows_the_labeled_metric(ranked):
     (["--unlabeled", "somewhere"], "--unlabeled is read only with --rank-by agreement"),
     (["--rank-by", "agreement"], "--rank-by agreement needs images to rank plans on"),
 ])
-def test_rank_by_agreement_misuse_is_one_line_exit_2(ranked, tmp_path, extra, message):
+def test_rank_by_agreement_misuse_is_one_line_exit_2(ranked, tmp_path, capfd, extra, message):
+    from sensq.cli import main
+
     tiny = ranked[0]
-    proc = subprocess.run([sys.executable, "-m", "sensq", *tiny.search_args(tmp_path / "w", 2, *extra)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr[-500:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    code = main(tiny.search_args(tmp_path / "w", 2, *extra))  # the CLI in this process: no interpreter start-up
+    err = capfd.readouterr().err
+    assert code == 2, err[-500:]
+    assert message in err and "Traceback" not in err

@@ -179,15 +179,14 @@ def test_pruning_corrects_over_every_candidate_it_looked_at():
     assert d is not None and d.tests == 30  # the decision records how many comparisons its level covers
 
 
-def test_the_sampler_learns_one_cost_definition_from_every_trial(tiny, tmp_path):
+def test_the_sampler_learns_one_cost_definition_from_every_trial(tiny_run):
     """Issue 18.4: with a deterministic backend (bops) full trials gave the sampler their backend ratio while the
     sensitivity warm start (and stopped plans) gave the float-MAC share, so warm-start plans looked cheaper than
-    all-INT8. Every trial's second objective is now the float-MAC share, computed here from the graph by hand."""
+    all-INT8. Every trial's second objective is now the float-MAC share, computed here from the graph by hand
+    (on the module's budget-10 bops search: warm start, seeds, full and stopped trials)."""
     from sensq.latency import macs_per_node
 
-    workdir = tmp_path / "c"
-    ws = tiny.workspace()
-    run_search(ws, tiny.evaluator(), tiny_settings(workdir, 6), progress=False)
+    workdir, _, ws, _ = tiny_run
     macs = macs_per_node(ws.model)
     by_number = {r.number: r for r in study_records(workdir)}
     told = [t for t in load_study(workdir).trials if t.values is not None]
@@ -226,12 +225,10 @@ def test_prune_decision_loads_only_no_slower_trials_and_memoizes_their_values():
     assert loads == []  # better than every candidate: decided from the memo alone
 
 
-def test_every_prune_in_a_run_is_backed_by_its_stored_samples(tiny, tmp_path):
+def test_every_prune_in_a_run_is_backed_by_its_stored_samples(tiny_run):
     """The low fidelity is half the samples; a per-tensor method that collapses the tiny model gets pruned by the
-    all-INT8 seed, and the stored per-sample values reproduce the recorded interval."""
-    ws, ev = tiny.workspace(), tiny.evaluator()
-    workdir = tmp_path / "w"
-    run_search(ws, ev, tiny_settings(workdir, 16), progress=False)
+    all-INT8 seed, and the stored per-sample values reproduce the recorded interval (the module's budget-10 run)."""
+    workdir, _, ws, ev = tiny_run
     recs = {r.number: r for r in study_records(workdir)}
     store = SampleStore(cache_dir(ws.cfg) / "samples", ev)
     split = json.loads((workdir / "search.json").read_text())["split"]

@@ -6,7 +6,6 @@ into one cache directory."""
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from sensq.cli import main
 from sensq.search import run_search
 from sensq.search import workers
 from sensq.search.coordination import Coordinator, open_storage
@@ -118,10 +118,33 @@ def _wait_for(predicate, timeout: float, what: str, procs=()):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(tiny, tmp_path, postgres_url):
-    # worker 1 is slow (2 s per evaluate), so the kill, sent as soon as it runs a claimed trial, lands mid-trial
-    (p0, w0), (p1, w1) = [_start(tiny, tmp_path, postgres_url, w, sleep=0.4 if w == 0 else 2.0) for w in (0, 1)]
+def _has_study(url: str) -> bool:
+    """A worker has created the study (it does so right before it takes the lock to score FP32 and all-INT8)."""
+    import psycopg2
+
+    con = psycopg2.connect(url)
     try:
+        with con.cursor() as cur:
+            cur.execute("SELECT count(*) FROM studies")
+            return cur.fetchone()[0] > 0
+    except psycopg2.Error:  # tables not created yet
+        return False
+    finally:
+        con.close()
+
+
+def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(tiny, tmp_path, postgres_url):
+    # worker 1 is slow (2 s per evaluate), so the kill, sent as soon as it runs a claimed trial, lands mid-trial;
+    # worker 0 is slowed a little (0.2 s per evaluate) so that it cannot finish the budget before worker 1 claims one.
+    # Worker 1 starts once worker 0 has created the study: worker 0 then scores the shared FP32/all-INT8 and runs the
+    # sensitivity pass (at 2 s per evaluate, worker 1 would take ~10 s over them when it got there first).
+    p0, w0 = _start(tiny, tmp_path, postgres_url, 0, sleep=0.2)
+    procs = [p0]
+    try:
+        _wait_for(lambda: _has_study(postgres_url), 300, "worker 0 creating the study", procs)
+        p1, w1 = _start(tiny, tmp_path, postgres_url, 1, sleep=2.0)
+        procs.append(p1)
+
         def worker1_mid_trial() -> bool:
             try:
                 study = _study(postgres_url, w1)
@@ -130,12 +153,12 @@ def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(ti
             return any(t.state == TrialState.RUNNING and workers.PLAN_KEY in t.user_attrs
                        and t.user_attrs["worker_identity"]["pid"] == p1.pid for t in study.get_trials(deepcopy=False))
 
-        _wait_for(worker1_mid_trial, 300, "worker 1 running a claimed trial", (p0, p1))
+        _wait_for(worker1_mid_trial, 300, "worker 1 running a claimed trial", procs)
         os.kill(p1.pid, signal.SIGKILL)
         assert p1.wait(timeout=30) == -signal.SIGKILL
         assert p0.wait(timeout=600) == 0, _log(tmp_path, 0)
     finally:
-        for p in (p0, p1):
+        for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -150,10 +173,10 @@ def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(ti
     retries = [t for t in study.trials if t.user_attrs.get("retry_of") == killed[0].number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, trace
     assert retries[0].params == killed[0].params
-    # the killed worker's command, run again, finds the budget reached: nothing new, no second sensitivity pass
+    # the killed worker's command, run again (here, in this process), finds the budget reached: nothing new, no
+    # second sensitivity pass
     passes = _sensitivity_passes(w0, w1)
-    rerun, _ = _start(tiny, tmp_path, postgres_url, 1, sleep=0.0)
-    assert rerun.wait(timeout=300) == 0, _log(tmp_path, 1)
+    assert main(tiny.search_args(w1, BUDGET, "--storage", postgres_url, "--worker", "1")) == 0
     _check_study(_study(postgres_url, w0))
     assert _sensitivity_passes(w0, w1) == passes == 1
     assert _front(w0) == _front(w1)
@@ -196,9 +219,11 @@ def test_other_host_trial_fails_only_when_its_heartbeat_is_stale(tiny, tmp_path,
     assert retry[0].system_attrs["fixed_params"] == states[stale.number].params  # enqueued with the same parameters
 
 
-def test_worker_waits_for_other_hosts_trial_in_flight_then_retries_it_when_stale(tiny, tmp_path, postgres_url):
+def test_worker_waits_for_other_hosts_trial_in_flight_then_retries_it_when_stale(tiny, tmp_path, postgres_url,
+                                                                                 monkeypatch):
     """Budget 5 with 4 scored (the seeds) and one in flight on another host: no fifth plan starts here; when that
     host's heartbeat goes stale its trial is failed, retried here, and the budget is reached exactly."""
+    monkeypatch.setattr(workers, "POLL_SECONDS", 0.2)  # the waiting worker looks again 5x as often (in this process)
     ws, ev = tiny.workspace(), tiny.evaluator()
     run_search(ws, ev, tiny_settings(tmp_path / "w", 4, storage=postgres_url), progress=False)
     storage = open_storage(postgres_url, workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
@@ -243,10 +268,10 @@ def _increment(url: str, name: str, n: int, barrier) -> None:
             coord.put("counter", value + 1)
 
 
-def _lock_counts(url: str, tmp_path: Path) -> int:
+def _lock_counts(ctx, url: str, tmp_path: Path) -> int:
+    """3 processes (`ctx`: the session's forkserver, clean processes that share nothing with this one) x 5 increments."""
     storage = open_storage(url, workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
     optuna.create_study(study_name="lock-test", storage=storage)
-    ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(3)
     procs = [ctx.Process(target=_increment, args=(url, "lock-test", 5, barrier)) for _ in range(3)]
     for p in procs:
@@ -257,12 +282,12 @@ def _lock_counts(url: str, tmp_path: Path) -> int:
     return Coordinator(storage, "lock-test").get("counter")
 
 
-def test_study_lock_serializes_processes_on_postgres(postgres_url, tmp_path):
-    assert _lock_counts(postgres_url, tmp_path) == 15  # no lost update among 3 processes x 5 increments
+def test_study_lock_serializes_processes_on_postgres(postgres_url, tmp_path, forkserver):
+    assert _lock_counts(forkserver, postgres_url, tmp_path) == 15  # no lost update among 3 processes x 5 increments
 
 
-def test_study_lock_serializes_processes_on_sqlite(tmp_path):
-    assert _lock_counts(f"sqlite:///{tmp_path / 'study.db'}", tmp_path) == 15
+def test_study_lock_serializes_processes_on_sqlite(tmp_path, forkserver):
+    assert _lock_counts(forkserver, f"sqlite:///{tmp_path / 'study.db'}", tmp_path) == 15
 
 
 # ------------------------------------------------------------------------------------------------ calibration cache
@@ -281,6 +306,7 @@ cfg = config_from_dict({{"model_parameters": {{"onnx_model": {model!r}}},
                               "data_list_path": {calib!r}}}]}},
                         "quantization_parameters": {{"analysis_enable": False}}}})
 model = load_model(cfg.model_path)
+Path(sys.argv[1]).touch()  # imported and about to poll
 start = Path({start!r})
 while not start.exists():  # both processes start calibrating at the same moment
     time.sleep(0.001)
@@ -300,9 +326,15 @@ def test_two_processes_calibrating_into_one_cache_share_one_pass(tiny, tmp_path)
     start = tmp_path / "go"
     script = CALIBRATE.format(tests=str(REPO / "tests"), model=str(tiny.model), calib=str(calib), start=str(start))
     env = {**_env(0.0), "SENSQ_CACHE": str(cache)}
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    time.sleep(2.0)  # both imported and polling
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in ready]
+    # an independent calibration of the same model and data in another cache, started alongside (it waits for the
+    # same start signal, so it takes none of the two processes' start-up time)
+    alone = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "ready-alone")],
+                             env={**env, "SENSQ_CACHE": str(tmp_path / "alone")}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: all(r.exists() for r in ready), 300, "both processes imported and polling", procs)
     start.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
@@ -311,10 +343,9 @@ def test_two_processes_calibrating_into_one_cache_share_one_pass(tiny, tmp_path)
     assert cached == [0, 1]  # one calibration pass; the other process waited and read its statistics
     files = sorted(p.name for p in (cache / "stats").iterdir() if p.suffix == ".npz")
     assert files == [f"{keys.pop()}.npz"]  # one entry, no temporary left behind
-    # the entry equals an independent calibration of the same model and data in another cache
-    alone = subprocess.run([sys.executable, "-c", script], env={**env, "SENSQ_CACHE": str(tmp_path / "alone")},
-                           capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 0 and alone.stdout.split()[0] == "0"
+    # the entry equals the independent calibration in the other cache
+    alone_out, alone_err = alone.communicate(timeout=300)
+    assert alone.returncode == 0 and alone_out.split()[0] == "0", alone_err[-2000:]
     a = CalibrationStats.load(cache / "stats" / files[0])
     b = CalibrationStats.load(tmp_path / "alone" / "stats" / files[0])
     assert a.n_samples == b.n_samples == 200 and a.tensors.keys() == b.tensors.keys()

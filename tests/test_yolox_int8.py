@@ -65,7 +65,7 @@ def test_the_issue_float_sets_do_not_collapse_yolox(yolox_ws, coco_dir):
     decode = ws.head.float_nodes  # the groups as the issue's search saw them: its head layers were INT8 then
     groups = {k.split(" [")[0]: v for k, v in layer_groups(ws.graph, [n for n in ws.graph.nodes if n not in decode]).items()}
     ev = make_evaluator(str(coco_dir), model=ws.cfg.model_path)
-    n = 80
+    n = 40  # a collapse scores ~0.002 against ~0.3: plain on 40 images (80 gave the same verdicts at twice the cost)
     for names, method in ((["Conv_116..Mul_121", "Conv_108..Mul_115", "Conv_299..Mul_301"], "default"),
                           (["Conv_116..Mul_121", "Conv_162..Mul_177", "Conv_302..Conv_314"], "mse")):
         base = ev.evaluate(ws.build(fused.with_float([], method=method)), limit=n, progress=False).metrics["mAP50-95"]
