@@ -56,7 +56,8 @@ def forkserver():
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "optuna", "sensq.search", "sensq.latency"])
+    ctx.set_forkserver_preload(["numpy", "optuna", "pytest", "sensq.search", "sensq.latency", "sensq.quantize",
+                                "sensq.evaluators.plugins"])  # what the test modules holding the targets import
     return ctx
 
 
