@@ -103,7 +103,7 @@ def test_the_front_and_its_ms_come_from_the_confirmation_rounds(timed_run):
     for r in res.front:
         assert r["latency_confirmed"]
         c = conf["by_hash"][r["model_hash"]]
-        assert r["ratio"] == pytest.approx(float(np.median(c["round_ratios"])))
+        assert r["ratio"] == pytest.approx(float(np.median(c["round_ratios"])), abs=1e-5)  # rounds kept to 5 decimals
         assert len(c["round_ratios"]) == conf["rounds"]
         assert r["fp32_value_same_rounds"] == pytest.approx(fp32["latency_value"])  # one FP32 ms for every point
         if r["trial"] >= 0:

@@ -334,8 +334,10 @@ def test_two_processes_calibrating_into_one_cache_share_one_pass(tiny, tmp_path)
     alone = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "ready-alone")],
                              env={**env, "SENSQ_CACHE": str(tmp_path / "alone")}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: all(r.exists() for r in ready), 300, "both processes imported and polling", procs)
-    start.touch()
+    try:
+        _wait_for(lambda: all(r.exists() for r in ready), 300, "both processes imported and polling", procs)
+    finally:
+        start.touch()  # (also when the wait failed: no process is left polling)
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     cached = sorted(int(o[0].split()[0]) for o in outs)
