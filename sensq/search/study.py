@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..errors import SensqError
 from ..evaluators.samples import PairedBootstrap
-from ..evaluators.scoring import SampleStore, Scorer, model_hash
+from ..evaluators.scoring import model_hash
 from ..latency import (Reference, evaluation_lock, macs_per_node, machine_info, make_latency_backend,
                        measurement_lock)
 from ..plan import PrecisionPlan
@@ -37,6 +37,7 @@ from .fidelity import PRUNE_BOOT, ratio_and_ci
 from .proposals import ProposalContext, Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
 from .settings import STRATEGIES, SearchSettings
+from .confirmation import confirm_front, labeled_confirm_scorer, make_scorer
 from .latency_confirm import confirm_latency
 from .results import ReportInputs, SearchResult, build_result, fp32_row, front_records, full_records, trial_row
 from .splits import Split, make_split
@@ -47,7 +48,6 @@ from .trials import TrialContext, TrialEvaluator
 
 log = logging.getLogger("sensq")
 
-STORE_MEMORY = 4  # per-sample results kept in memory (the rest is read back from the store's files when needed)
 
 
 class SearchRun:
@@ -136,9 +136,9 @@ class SearchRun:
         # accuracy is scored by the runtime the target deploys on (OpenVINO for openvino-cpu), results kept apart
         self.scored_by, self.session_factory = scoring_runtime(self.target.name, getattr(self.backend, "threads", None))
         runtime = "" if self.session_factory is None else self.scored_by
-        self.store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY, runtime=runtime)
-        self.scorer = Scorer(ev, self.store, np.arange(n), busy=lambda: evaluation_lock(self.lock_dir),
-                             session_factory=self.session_factory)
+        busy = lambda: evaluation_lock(self.lock_dir)  # noqa: E731
+        self.scorer = make_scorer(ev, cache_dir(self.ws.cfg) / "samples", runtime, n, busy, self.session_factory)
+        self.store = self.scorer.store
         if self.scorer.per_sample:
             labels = getattr(getattr(ev, "data", None), "labels", None)
             confirm = 0 if self.confirm_evaluator is not None else s.confirm  # the labeled set is the held-out part
@@ -147,7 +147,11 @@ class SearchRun:
             log.warning("evaluator %s returns no per-sample results: no held-out confirmation, no intervals, no pruning",
                         getattr(ev, "name", type(ev).__name__))
             self.split = Split(np.arange(n), np.zeros(0, np.int64), n, s.seed)
-        self.confirm_scorer, self.confirm_indices = self._confirm_scorer(runtime)
+        if self.confirm_evaluator is None:
+            self.confirm_scorer, self.confirm_indices = self.scorer, self.split.confirm
+        else:
+            self.confirm_scorer, self.confirm_indices = labeled_confirm_scorer(
+                self.confirm_evaluator, cache_dir(self.ws.cfg) / "samples", runtime, s.limit, busy, self.session_factory)
         self.low_boot = PairedBootstrap(self.split.low_indices, PRUNE_BOOT, s.seed)  # not n_boot (report-only); level per decision
         self.fp32_hash = model_hash(self.ws.model)
         int8_model = self.ws.build()
@@ -168,21 +172,6 @@ class SearchRun:
         self.reference_timer = Reference(self.backend, self.ws.model)
         with measurement_lock(self.lock_dir):
             self.fp32_latency = self.backend.measure(self.ws.model)  # this run's FP32, for "measured ms (this run)"
-
-    def _confirm_scorer(self, runtime: str):
-        """Who scores the front on held-out samples: the search's own scorer on its confirm split, or the labeled
-        evaluator of --rank-by agreement on all its samples (nothing was selected on them)."""
-        ev = self.confirm_evaluator
-        if ev is None:
-            return self.scorer, self.split.confirm
-        store = SampleStore(cache_dir(self.ws.cfg) / "samples", ev, memory=STORE_MEMORY, runtime=runtime)
-        n = min(self.settings.limit or len(ev), len(ev))
-        scorer = Scorer(ev, store, np.arange(n), busy=lambda: evaluation_lock(self.lock_dir),
-                        session_factory=self.session_factory)
-        if not scorer.per_sample:
-            raise SensqError("the labeled evaluator gives no per-sample results, so it cannot confirm the front",
-                             "use a built-in evaluator (COCO, YOLO, ImageNet) with --rank-by agreement")
-        return scorer, np.arange(n)
 
     def _reference_doc(self, int8_model) -> dict:
         split = self.split
@@ -381,16 +370,10 @@ class SearchRun:
     def confirm(self) -> None:
         """Re-score FP32, all-INT8 and the front on the held-out part (nothing was selected on it)."""
 
-        indices, scorer = self.confirm_indices, self.confirm_scorer
-        if len(indices) == 0:
-            return
         targets = [(self.fp32_hash, None), (self.int8_hash, self.ws.base_plan)]
         targets += [(r.model_hash, PrecisionPlan.from_dict(r.plan))
                     for r in front_records(self.records(), self.latency_confirmation)]
-        for h, plan in tqdm(targets, desc="confirm", unit="model", disable=not self.progress, leave=False):
-            have = scorer.store.get(h)
-            if have is None or not have.has(indices):
-                scorer.score(self.ws.model if plan is None else self.ws.build(plan), h, indices)
+        confirm_front(self.confirm_scorer, self.confirm_indices, targets, self.ws.build, self.ws.model, self.progress)
 
     def write_search_json(self) -> None:
         s = self.settings
