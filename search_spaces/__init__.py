@@ -6,7 +6,7 @@ A space turns an Optuna trial plus the sensitivity ranking into a concrete Preci
   categorical     Optuna categorical over `choices` (plan field of the same name: method, per_channel, ...)
   percentile      float in [low, high] sampled log-uniformly on the tail 100 - p (only when `when` holds)
   group_method    per-group range-method override for the top_k most sensitive INT8 groups
-  group_precision one categorical per group among the top_k most sensitive over `choices` (int8 / a16 / fp32,
+  group_precision one categorical per group among the top_k most sensitive over `choices` (int8 / a16 / fp16 / fp32,
                   sensq/precision.py): the toggle generalised; choices the target cannot run are dropped (restrict)
 Add a space by writing a YAML file (see default.yaml) and passing its path, or its name if it lives here.
 """
@@ -59,6 +59,7 @@ class SearchSpace:
                 for g in ranked_groups[: int(spec.get("top_k", 12))]:
                     p = trial.suggest_categorical(f"precision:{g}", list(spec["choices"]))
                     out.setdefault("a16_groups", []).extend([g] if p == "a16" else [])
+                    out.setdefault("fp16_groups", []).extend([g] if p == "fp16" else [])
                     out["float_groups"].extend([g] if p == "fp32" else [])
             elif kind == "categorical":
                 out[key] = trial.suggest_categorical(key, list(spec["choices"]))
@@ -130,6 +131,7 @@ class SearchSpace:
         """Sampled knobs -> precision plan (float groups added to the base plan's float regions)."""
         float_nodes = [n for g in choice["float_groups"] for n in groups[g]]
         a16_nodes = [n for g in choice.get("a16_groups", []) for n in groups[g]]
+        fp16_nodes = [n for g in choice.get("fp16_groups", []) for n in groups[g]]
         overrides = dict(ws.base_plan.tensor_overrides)
         for g, method in choice.get("group_methods", {}).items():
             for n in groups[g]:
@@ -138,11 +140,13 @@ class SearchSpace:
         changes = {k: choice[k] for k in PLAN_FIELDS if k in choice}
         if "percentile" in choice:
             changes["percentile"] = choice["percentile"]
-        plan = ws.base_plan.with_float(float_nodes, a16_nodes, tensor_overrides=overrides, **changes)
+        plan = ws.base_plan.with_float(float_nodes, a16_nodes, fp16_nodes, tensor_overrides=overrides, **changes)
         plan.notes = list(ws.base_plan.notes) + ([f"float groups: {', '.join(choice['float_groups'])}"]
                                                  if choice["float_groups"] else [])
         if choice.get("a16_groups"):
             plan.notes.append(f"16-bit activation groups: {', '.join(choice['a16_groups'])}")
+        if choice.get("fp16_groups"):
+            plan.notes.append(f"float16 groups: {', '.join(choice['fp16_groups'])}")
         return plan
 
 

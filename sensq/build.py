@@ -34,7 +34,7 @@ from .passes.rounding_stages import RoundingSource
 from .passes.weight_clipping import clip_weights_mse
 from .passes.depthwise_inputs import quantize_depthwise_inputs_per_channel
 from .plan import PrecisionPlan
-from .precision import QUANT_TYPES, a16_overrides, wide_tensors, wide_type
+from .precision import QUANT_TYPES, a16_overrides, fp16_islands, wide_tensors, wide_type
 from .ranges import Grid, compute_range, normalize_percentile
 from .statistics import CalibrationStats, depthwise_inputs
 from .targets import get_target
@@ -274,7 +274,7 @@ class QDQBuilder:
     # build -------------------------------------------------------------------------------------------------------
     def build(self, plan: PrecisionPlan) -> onnx.ModelProto:
         target = get_target(plan.target, plan.activation_type).with_placement(plan.placement)
-        unknown = [n for n in plan.float_nodes if n not in set(self.node_names)]
+        unknown = [n for n in plan.float_nodes + plan.fp16_nodes if n not in set(self.node_names)]
         if unknown:
             raise SensqError(f"float node {unknown[0]!r} not in graph", "check node names (Netron shows them) or regenerate the plan for this model")
         act = QUANT_TYPES[target.activation_type]
@@ -310,7 +310,8 @@ class QDQBuilder:
             with _fast_find_by_name():
                 q = _CachingQDQQuantizer(
                     model, plan.per_channel, fix == "all", QuantType.QInt8, act, tensors_range,
-                    [], list(plan.float_nodes), list(target.resolved_op_types()), extra, param_cache=self._param_cache)
+                    [], list(plan.float_nodes) + list(plan.fp16_nodes), list(target.resolved_op_types()), extra,
+                    param_cache=self._param_cache)
                 out = q.quantize_model()
         finally:
             logging.getLogger().setLevel(previous)
@@ -331,6 +332,8 @@ class QDQBuilder:
                 raise SensqError("learned rounding needs calibration samples, which this builder was not given",
                                  "build through sensq.quantize.prepare(), or drop --rounding learned")
             apply_rounding(out, self.model, self.rounding.result_for(self, plan))
+        if plan.fp16_nodes:  # last: every pass above reads float32 initializers
+            out, _ = fp16_islands(out, plan.fp16_nodes)
         return out
 
     def build_to(self, plan: PrecisionPlan, path: str | Path) -> onnx.ModelProto:

@@ -34,7 +34,7 @@ class PlanGuard:
 
     def counterpart(self, plan: PrecisionPlan) -> PrecisionPlan:
         d = plan.to_dict()
-        d["float_nodes"], d["a16_nodes"] = list(self.ws.base_plan.float_nodes), []
+        d["float_nodes"], d["a16_nodes"], d["fp16_nodes"] = list(self.ws.base_plan.float_nodes), [], []
         return PrecisionPlan.from_dict(d)
 
     def reference(self, plan: PrecisionPlan) -> float:

@@ -11,6 +11,10 @@ INTERNALS = {
     "onnxruntime.quantization.calibrate": ("CalibrationMethod", "TensorData", "TensorsData"),
     "onnxruntime.quantization.quant_utils": ("QuantType",),
     "onnxruntime.quantization.registry": ("QDQRegistry", "QLinearOpsRegistry"),
+    # a16 groups (sensq/precision.py): the 8/16-bit boundary conversions
+    "onnxruntime.quantization.tensor_quant_overrides": ("TensorQuantOverridesHelper",),
+    "onnxruntime.quantization.execution_providers.qnn.mixed_precision_overrides_utils":
+        ("MixedPrecisionTensorQuantOverridesFixer",),
 }
 
 

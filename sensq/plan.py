@@ -20,6 +20,8 @@ class PrecisionPlan:
     # nodes whose activations are 16-bit while the rest stay 8-bit (group precision "a16", sensq/precision.py);
     # a node both float and a16 is float
     a16_nodes: list[str] = field(default_factory=list)
+    # nodes left float and converted to float16 (group precision "fp16"); a node both float and fp16 is float
+    fp16_nodes: list[str] = field(default_factory=list)
     # tensor name -> {"method": ..., "percentile": ...}: per-region calibration (xquant custom_setting)
     tensor_overrides: dict[str, dict] = field(default_factory=dict)
     target: str = "ort-cpu"
@@ -64,7 +66,8 @@ class PrecisionPlan:
         for o in self.tensor_overrides.values():
             check_method(o.get("method", self.method))
         self.float_nodes = sorted(set(self.float_nodes))
-        self.a16_nodes = sorted(set(self.a16_nodes) - set(self.float_nodes))
+        self.fp16_nodes = sorted(set(self.fp16_nodes) - set(self.float_nodes))
+        self.a16_nodes = sorted(set(self.a16_nodes) - set(self.float_nodes) - set(self.fp16_nodes))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,13 +83,15 @@ class PrecisionPlan:
         for k in ("placement", "depthwise_per_channel", "bias_correction", "weight_range", "rounding"):  # unset knobs keep the keys plans had before they existed
             if d[k] is None:
                 d.pop(k)
-        if not d["a16_nodes"]:
-            d.pop("a16_nodes")
+        for k in ("a16_nodes", "fp16_nodes"):  # empty: the key plans had before these existed
+            if not d[k]:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    def with_float(self, extra_nodes, a16_nodes=(), **changes) -> "PrecisionPlan":
+    def with_float(self, extra_nodes, a16_nodes=(), fp16_nodes=(), **changes) -> "PrecisionPlan":
         d = self.to_dict()
         d["float_nodes"] = sorted(set(self.float_nodes) | set(extra_nodes))
         d["a16_nodes"] = sorted(set(self.a16_nodes) | set(a16_nodes))
+        d["fp16_nodes"] = sorted(set(self.fp16_nodes) | set(fp16_nodes))
         d.update(changes)
         return PrecisionPlan.from_dict(d)

@@ -124,7 +124,7 @@ def test_trtexec_names_with_special_characters(tmp_path):
               "new\nline", ",,,"]
     quantized = ["/model.1/conv", "x__y", "/model.0/conv_1", "other"]
     layers = floats + quantized
-    argv, unexpressed = trtexec.command("m.trt.q.onnx", floats, layers, engine_name="m.engine")
+    argv, unexpressed = trtexec.command("m.trt.q.onnx", floats, layers, precision="fp16", engine_name="m.engine")
     # x,y -> x*y would also pin the quantized x__y; ",,," -> "*" would pin every layer
     assert sorted(unexpressed) == sorted(["x,y", ",,,"])
     script = tmp_path / "m.trtexec.sh"

@@ -83,8 +83,9 @@ def test_stages_put_a_conv_after_every_conv_it_reads(setup):
 
 
 def test_learned_rounding_reconstructs_each_conv_no_worse_than_nearest(setup):
-    """For every conv the pass changed, with the inputs the learned model feeds it: ||y_fp32 - conv(x̃; Ŵ, b̂)||² over
-    all calibration positions is <= the same with nearest rounding's weights and bias; and it changed some."""
+    """For every conv the pass changed, with the inputs the learned model feeds it: ||conv(x̃; W, b) - conv(x̃; Ŵ, b)||²
+    over all calibration positions (W the float weights, Ŵ the int8 weights as ORT dequantizes them) is <= the same
+    with nearest rounding's weights; it changed some; biases are the nearest model's."""
     model, builder, feeds = setup
     nearest = builder.build(PrecisionPlan(method="minmax"))
     learned = builder.build(PrecisionPlan(method="minmax", rounding="learned"))
@@ -92,19 +93,24 @@ def test_learned_rounding_reconstructs_each_conv_no_worse_than_nearest(setup):
     assert result.weights and set(result.weights) <= set(CONVS)
     q_nodes = {n.name: n for n in learned.graph.node}
     f_nodes = {n.name: n for n in model.graph.node}
+    f_inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     x_tilde = _outputs(learned, [q_nodes[c].input[0] for c in CONVS if q_nodes[c].input[0] != "x"], feeds)
-    y_float = _outputs(model, [f_nodes[c].output[0] for c in CONVS], feeds)
     improved = 0
     for c in result.weights:
+        node_in = q_nodes[c].input[0]
+        w_float, b_float = f_inits[f_nodes[c].input[1]], f_inits[f_nodes[c].input[2]]
         errs = {}
         for label, q in (("nearest", nearest), ("learned", learned)):
             node = {n.name: n for n in q.graph.node}[c]
-            w, b = _deq(q, node.input[1]), _deq(q, node.input[2])
-            errs[label] = sum(float(np.sum((_conv_alone(f_nodes[c], w, b, x[q_nodes[c].input[0]] if q_nodes[c].input[0] in x
-                                                              else f["x"]) - y[f_nodes[c].output[0]]) ** 2))
-                              for x, y, f in zip(x_tilde, y_float, feeds))
+            w = _deq(q, node.input[1])
+            errs[label] = sum(float(np.sum((_conv_alone(f_nodes[c], w, b_float, x[node_in] if node_in in x else f["x"])
+                                            - _conv_alone(f_nodes[c], w_float, b_float,
+                                                          x[node_in] if node_in in x else f["x"])) ** 2))
+                              for x, f in zip(x_tilde, feeds))
         assert errs["learned"] <= errs["nearest"] * (1 + 1e-5) + 1e-9, (c, errs)
         improved += errs["learned"] < errs["nearest"] * 0.999
+        assert np.array_equal(_deq(learned, q_nodes[c].input[2]),
+                              _deq(nearest, {n.name: n for n in nearest.graph.node}[c].input[2]))
     assert improved >= 1
     producer = {o: n for n in learned.graph.node for o in n.output}
     inits = {i.name: i for i in learned.graph.initializer}

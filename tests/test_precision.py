@@ -62,12 +62,14 @@ def test_mixed_plan_puts_only_its_groups_on_16_bits(tmp_path):
 
 def test_space_is_limited_to_the_target():
     assert target_precisions(get_target("ort-cpu")) == ("int8", "a16", "fp32")
-    assert target_precisions(get_target("tensorrt")) == ("int8", "fp32")
+    assert target_precisions(get_target("tensorrt")) == ("int8", "fp16", "fp32")
+    assert target_precisions(get_target("openvino-cpu")) == ("int8", "a16", "fp16", "fp32")
     space = load_space("precision")
     assert space.restrict(target_precisions(get_target("tensorrt"))) == ["a16"]
-    assert space.params["groups"]["choices"] == ["int8", "fp32"]
-    with pytest.raises(SensqError, match="fp16"):
-        validate({"params": {"g": {"type": "group_precision", "choices": ["int8", "fp16"]}}}, "x.yaml")
+    assert space.params["groups"]["choices"] == ["int8", "fp16", "fp32"]
+    assert load_space("precision").restrict(target_precisions(get_target("ort-cpu"))) == ["fp16"]
+    with pytest.raises(SensqError, match="bf16"):
+        validate({"params": {"g": {"type": "group_precision", "choices": ["int8", "bf16"]}}}, "x.yaml")
 
 
 def test_space_samples_and_seeds_precisions():

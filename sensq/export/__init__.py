@@ -29,6 +29,9 @@ FORMATS = tuple(WRITERS)
 # Formats that carry per-group 16-bit activations (plan.a16_nodes): the built model itself, and the JSON node lists.
 # xquant and ort-exclude settings, trtexec (no 16-bit integer Q/DQ in TensorRT) and NNCF scopes cannot.
 CARRY_A16 = ("onnx", "json")
+# Formats that carry float16 groups (plan.fp16_nodes): the built model (Cast islands), the JSON node lists and trtexec
+# (--layerPrecisions ...:fp16). xquant, ort-exclude and NNCF scopes have no per-node float16 setting.
+CARRY_FP16 = ("onnx", "json", "trtexec")
 
 
 @dataclass
@@ -86,6 +89,9 @@ def export_trial(workdir: str | Path, trial: int | None, output: str | Path, fmt
     if choice.plan.a16_nodes and fmt not in CARRY_A16:
         raise SensqError(f"trial {choice.number} runs {len(choice.plan.a16_nodes)} node(s) with 16-bit activations, "
                          f"which the {fmt} format cannot express", f"export it as {' or '.join(CARRY_A16)}")
+    if choice.plan.fp16_nodes and fmt not in CARRY_FP16:
+        raise SensqError(f"trial {choice.number} runs {len(choice.plan.fp16_nodes)} node(s) in float16, which the {fmt} "
+                         "format cannot express", f"export it as {', '.join(CARRY_FP16)}")
     written = writer.write(ctx, out)
     return {"trial": choice.number, "output": out, "metric": choice.metric, "latency": choice.latency,
             "latency_unit": choice.latency_unit, "ratio": choice.ratio, "confirm_metric": choice.confirm_metric,

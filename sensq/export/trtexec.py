@@ -1,5 +1,6 @@
-"""A TensorRT 10 `trtexec` command that builds the trial as an engine: the QDQ model (explicit quantization) with the
-float groups pinned to a float precision by `--precisionConstraints=obey --layerPrecisions=...`.
+"""A TensorRT 10 `trtexec` command that builds the trial as an engine: the QDQ model (explicit quantization) with each
+float layer pinned to the precision the plan gave it by `--precisionConstraints=obey --layerPrecisions=...`: fp32
+groups to fp32 (what the study measured), fp16 groups to fp16 (kept float32 in the ONNX file: TensorRT casts them).
 
 Flag grammar (trtexec of TensorRT 10, samples/common/sampleOptions.cpp): `--key=value` splits at the first '=';
 --layerPrecisions is split at every ',' (no escape exists), each pair at its last ':' into layer name and precision
@@ -26,7 +27,8 @@ SPECIAL = (",", "'", "*")  # characters the --layerPrecisions grammar cannot car
 
 
 def layer_token(name: str, all_layers: list[str], float_layers: set[str]) -> str | None:
-    """How `name` is written in --layerPrecisions, or None when the grammar cannot express it safely."""
+    """How `name` is written in --layerPrecisions, or None when the grammar cannot express it safely (a pattern
+    must match only layers of `float_layers`: those pinned to the same precision)."""
     hits = [i for i, ch in enumerate(name) if ch in SPECIAL]
     if not hits and name:
         return name  # ':' and '=' are fine: the pair splits at its last ':', the flag at its first '='
@@ -42,12 +44,11 @@ def layer_token(name: str, all_layers: list[str], float_layers: set[str]) -> str
     return f"{pattern_prefix}*{pattern_suffix}"
 
 
-def layer_precisions(float_nodes: list[str], all_layers: list[str], precision: str = "fp16") -> tuple[str, list[str]]:
-    """(value of --layerPrecisions, node names it cannot express)."""
-    floats = set(float_nodes)
+def layer_precisions(pinned: dict[str, str], all_layers: list[str]) -> tuple[str, list[str]]:
+    """(value of --layerPrecisions for {node name: precision}, node names it cannot express)."""
     tokens, unexpressed = [], []
-    for n in float_nodes:
-        tok = layer_token(n, all_layers, floats)
+    for n, precision in pinned.items():
+        tok = layer_token(n, all_layers, {m for m, p in pinned.items() if p == precision})
         if tok is None:
             unexpressed.append(n)
         elif f"{tok}:{precision}" not in tokens:
@@ -55,11 +56,12 @@ def layer_precisions(float_nodes: list[str], all_layers: list[str], precision: s
     return ",".join(tokens), unexpressed
 
 
-def command(onnx_name: str, float_nodes: list[str], all_layers: list[str], precision: str = "fp16",
+def command(onnx_name: str, float_nodes: list[str] | dict[str, str], all_layers: list[str], precision: str = "fp32",
             engine_name: str | None = None) -> tuple[list[str], list[str]]:
-    """(trtexec argv, unexpressed node names)."""
+    """(trtexec argv, unexpressed node names). float_nodes: names (all pinned to `precision`) or {name: precision}."""
     argv = ["trtexec", f"--onnx={onnx_name}", "--int8", "--fp16", "--precisionConstraints=obey"]
-    spec, unexpressed = layer_precisions(float_nodes, all_layers, precision)
+    pinned = float_nodes if isinstance(float_nodes, dict) else {n: precision for n in float_nodes}
+    spec, unexpressed = layer_precisions(pinned, all_layers)
     if spec:
         argv.append(f"--layerPrecisions={spec}")
     if engine_name:
@@ -91,18 +93,21 @@ def write(ctx, out: Path) -> dict:
     plan, note = tensorrt_plan(ctx.choice.plan)
     model_path = sibling(out, ".trt.q.onnx")
     # the builder's graph as onnxruntime's quantizer writes it: TensorRT needs no protection of float nodes against
-    # onnxruntime's weight re-quantization, and takes no per-axis activation scales
+    # onnxruntime's weight re-quantization, and takes no per-axis activation scales. fp16 groups stay float32 in the
+    # file (no Cast islands): TensorRT runs them in fp16 because --layerPrecisions says so.
+    pinned = {**{n: "fp32" for n in plan.float_nodes}, **{n: "fp16" for n in plan.fp16_nodes}}
+    plan = replace(plan, float_nodes=sorted(pinned), fp16_nodes=[])
     qmodel = ctx.ws.builder.build(plan)
     save_model(qmodel, model_path)
     layers = [n.name for n in qmodel.graph.node]
-    argv, unexpressed = command(model_path.name, plan.float_nodes, layers,
-                                engine_name=sibling(out, ".engine").name)
+    argv, unexpressed = command(model_path.name, pinned, layers, engine_name=sibling(out, ".engine").name)
     notes = [note] if note else []
     if unexpressed:
         notes.append(f"{len(unexpressed)} float node(s) cannot be written in --layerPrecisions (names with , ' or * "
                      f"whose pattern would also match quantized layers): {unexpressed[:5]}")
     header = [f"sensq export: trial {ctx.choice.number} of {ctx.workdir.name} for {CONSUMER}.",
-              f"{len(plan.float_nodes)} float node(s) pinned to fp16 (the study ran them in fp32: use :fp32 to match it).",
+              f"{sum(p == 'fp32' for p in pinned.values())} float node(s) pinned to fp32, "
+              f"{sum(p == 'fp16' for p in pinned.values())} to fp16, as the plan's group precisions say.",
               *[f"note: {n}" for n in notes]]
     out.write_text(script(argv, header))
     out.chmod(0o755)

@@ -60,7 +60,8 @@ STRUCTURE_KNOBS = ("per_channel", "activation_type", "target", "placement", "dep
 def no_slower(a: dict, b: dict) -> bool:
     """Plan `a` runs a subset of plan `b`'s float work: a subset of b's float nodes, the same weight/activation
     layout, placement and 16-bit groups (the structural part of the rule; prune_decision adds measurement)."""
-    same = all(a.get(k) == b.get(k) for k in STRUCTURE_KNOBS) and set(a.get("a16_nodes") or []) == set(b.get("a16_nodes") or [])
+    same = all(a.get(k) == b.get(k) for k in STRUCTURE_KNOBS) and all(
+        set(a.get(k) or []) == set(b.get(k) or []) for k in ("a16_nodes", "fp16_nodes"))
     return same and set(a["float_nodes"]) <= set(b["float_nodes"])
 
 

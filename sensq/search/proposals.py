@@ -152,10 +152,11 @@ class Proposer:
         ctx = self.ctx
         toggled = ctx.space.toggled(ctx.ranked)
         params = ctx.space.seed_params(ctx.ranked, [g for g in base.float_groups if g in toggled], ctx.defaults(base.plan))
-        a16 = set(base.plan.get("a16_nodes") or [])
-        for g in toggled:  # the base's 16-bit groups (records name float groups only)
-            if a16 and f"precision:{g}" in params and set(ctx.groups[g]) <= a16:
-                params[f"precision:{g}"] = "a16"
+        for kind in ("a16", "fp16"):  # the base's 16-bit groups (records name float groups only)
+            nodes = set(base.plan.get(f"{kind}_nodes") or [])
+            for g in toggled:
+                if nodes and f"precision:{g}" in params and set(ctx.groups[g]) <= nodes:
+                    params[f"precision:{g}"] = kind
         if knob is None:  # random: a categorical knob 30 % of the time, else a toggle
             knobs = self._knobs()
             cats = [k for k in knobs if k[0] == "set" and not k[1].startswith("precision:")]
@@ -180,7 +181,8 @@ class Proposer:
         toggled = ctx.space.toggled(ctx.ranked)
         categorical = {k for k, s in ctx.space.params.items() if s.get("type") == "categorical"}
         choice = {"float_groups": [g for g in toggled if params.get(f"float:{g}") or params.get(f"precision:{g}") == "fp32"],
-                  "a16_groups": [g for g in toggled if params.get(f"precision:{g}") == "a16"], "group_methods": {},
+                  "a16_groups": [g for g in toggled if params.get(f"precision:{g}") == "a16"],
+                  "fp16_groups": [g for g in toggled if params.get(f"precision:{g}") == "fp16"], "group_methods": {},
                   **{k: v for k, v in params.items() if k in categorical}}
         if params.get("method") == "percentile":
             choice["percentile"] = round(100.0 - params["percentile_tail"], 6)

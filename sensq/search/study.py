@@ -73,7 +73,9 @@ class SearchRun:
         self.backend = make_latency_backend(self.target.latency_spec(settings.latency))
         dropped = self.space.restrict(target_precisions(self.target))
         if dropped:
-            log.info("search space: group precision(s) %s left out: target %s does not run them", dropped, self.target.name)
+            why = f" ({self.target.fp16_note})" if "fp16" in dropped and self.target.fp16_note else ""
+            log.info("search space: group precision(s) %s left out: target %s does not run them%s", dropped,
+                     self.target.name, why)
         self.run_id = uuid.uuid4().hex[:8]
         # per machine (not the cache dir, which may be shared by several machines): one timing at a time here
         self.lock_dir = Path(tempfile.gettempdir()) / f"sensq-{getattr(os, 'getuid', lambda: 0)()}"
@@ -112,9 +114,12 @@ class SearchRun:
         changes which plans are proposed; and one scale: stopped plans and the sensitivity warm start have no
         backend ratio, so a backend ratio for full trials only would make them look cheaper than all-INT8."""
         get = (lambda k: getattr(plan, k)) if hasattr(plan, "float_nodes") else (lambda k: plan.get(k) or [])
-        # a16 nodes count as float: ORT CPU and OpenVINO run them as float ops between 16-bit fake-quant steps
+        # a16 nodes count as float: ORT CPU and OpenVINO run them as float ops between 16-bit fake-quant steps;
+        # fp16 nodes as half of it (their bit width: what an fp16 target's arithmetic costs)
         floating = set(get("float_nodes")) | set(get("a16_nodes"))
-        return sum(m for n, m in self.macs.items() if n in floating) / max(self.total_macs, 1)
+        half = set(get("fp16_nodes") or [])
+        work = sum(m for n, m in self.macs.items() if n in floating) + 0.5 * sum(m for n, m in self.macs.items() if n in half)
+        return work / max(self.total_macs, 1)
 
     def sampler_cost(self, rec: TrialRecord) -> float:
         return rec.cost_proxy  # the reports' latency is the backend's; the sampler's cost is one definition

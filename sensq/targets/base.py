@@ -72,6 +72,9 @@ class Target:
     runtime: str = ""  # who runs the model, in words
     # activation types the runtime takes; 16-bit ones (A16W8) run as fake-quant on ORT CPU (no 16-bit kernels)
     activation_types: tuple[str, ...] = ("uint8", "int8")
+    # runs float16 islands (group precision "fp16"): layers kept float there may run in half precision
+    fp16: bool = False
+    fp16_note: str = ""  # why fp16 is (not) offered on this target, for the search's log and report
 
     def resolved_op_types(self) -> tuple[str, ...]:
         """Op types to quantize, restricted to those onnxruntime's quantizer (which writes the QDQ graph) knows."""

@@ -27,4 +27,7 @@ def openvino_cpu() -> Target:
         latency="openvino",
         activation_types=ACTIVATION_TYPES,
         runtime="OpenVINO CPU plugin (openvino package, ONNX frontend)",
+        fp16=True,  # float16 ONNX islands load; the CPU plugin computes them at its inference precision (f32 here)
+        fp16_note="OpenVINO CPU reads float16 islands and computes them at its inference precision (f32 unless "
+                  "--latency openvino:precision=... says otherwise); measure what it buys with --space precision",
     )

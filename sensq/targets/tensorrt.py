@@ -23,4 +23,5 @@ def tensorrt() -> Target:
         no_output_quantization=TENSORRT_OPS,  # Q/DQ on inputs only, as Model Optimizer places them
         latency="bops",
         runtime="TensorRT 10 (explicit quantization)",
+        fp16=True,  # fp16 layers are TensorRT's own precision; the trtexec export pins each group's
     )
