@@ -1,6 +1,6 @@
 """PTQ side by side with peers, on the shared data, the same calibration images for everyone.
 
-    python bench/bench_ptq.py [--models yolov5n yolox_nano efficientnet] [--rounds 10] [--calib 100]
+    python bench/bench_ptq.py [--models yolov5n yolox_nano efficientnet] [--rounds 10] [--calib 100] [--only fp16 ...]
 
 Rows per model: FP32; sensq default (run by ORT); sensq with each placement and each technique alone (fast bias
 correction, MSE weight clipping, MSE activation ranges, cross-layer equalization) and combined;
@@ -9,6 +9,10 @@ OpenVINO; NNCF 3.x defaults on the ONNX model (opset 13) run by ORT, and on the 
 onnxruntime quantize_static (MinMax, per-channel, QDQ) run by ORT. Columns: metric, its paired 95 % interval of the
 difference to FP32 on the same runtime's samples (BCa bootstrap over images, as the search), and the latency ratio to
 FP32 on the runtime that scored it, from interleaved rounds in this run (median of per-round ratios, IQR).
+
+FP16 rows: every node of the float model in float16 (sensq's fp16 islands), run by ORT and by OpenVINO (f32 inference
+precision: what it does with float16 weights). --only keeps the rows whose label contains one of the words (the FP32
+rows and the sensq default are always kept: the references).
 
 Calibration inputs are sensq's own preprocessed samples (ws.samples), handed to NNCF and ORT as the same arrays.
 Prints a table and writes bench/results/ptq.json (ptq_<models>.json for a subset; raw per-row values). Peers are bench extras: pip install nncf openvino.
@@ -133,7 +137,14 @@ def int8_head(ws):
     return PrecisionPlan.from_dict({**ws.base_plan.to_dict(), "float_nodes": sorted(set(ws.base_plan.float_nodes) - ws.head_layers)})
 
 
-def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
+def fp16_model(ws):
+    """The float model with every node in float16 (graph inputs and outputs float32)."""
+    from sensq.precision import fp16_islands
+
+    return fp16_islands(ws.builder.model, [n.name for n in ws.builder.model.graph.node])[0]
+
+
+def bench_model(name: str, calib_n: int, rounds: int, tmp: Path, only: list[str] | None = None) -> list[dict]:
     import onnx
 
     from sensq.defaults import build_config, evaluator_for
@@ -158,6 +169,8 @@ def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
             "sensq default (ORT)": ("ort", lambda: ws.build()),
             "sensq --head-layers int8 (ORT)": ("ort", lambda: ws.build(int8_head(ws))),
             "sensq + --rounding learned (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], rounding="learned"))),
+            "FP16 everywhere (ORT)": ("ort", lambda: fp16_model(ws)),
+            "FP16 everywhere (OpenVINO)": ("ov", lambda: fp16_model(ws)),
             "sensq --activation-type int16 (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], activation_type="int16"))),
             "sensq --activation-type int16 (OpenVINO)": ("ov", lambda: ws.build(ws.base_plan.with_float([], activation_type="int16"))),
             "sensq --placement fused (ORT)": ("ort", lambda: ws.build(ws.base_plan.with_float([], placement=None, depthwise_per_channel=None))),
@@ -172,6 +185,9 @@ def bench_model(name: str, calib_n: int, rounds: int, tmp: Path) -> list[dict]:
             "NNCF ONNX (ORT)": ("ort", lambda: nncf_onnx(fp32, feeds)),
             "NNCF OpenVINO (OpenVINO)": ("ovm", lambda: nncf_openvino(path, feeds)),
             "ORT quantize_static MinMax per-channel (ORT)": ("ort", lambda: ort_static(fp32, feeds, tmp))}
+    if only:
+        keep = ("FP32 (ORT)", "FP32 (OpenVINO)", "sensq default (ORT)")
+        rows = {k: v for k, v in rows.items() if k in keep or any(w in k for w in only)}
     sessions, results, seconds, failed = {}, {}, {}, {}
     for label, (rt, make) in rows.items():
         t = time.perf_counter()
@@ -215,6 +231,7 @@ def main():
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=100)
+    ap.add_argument("--only", nargs="*", help="rows whose label contains one of these words (and the references)")
     args = ap.parse_args()
     import tempfile
 
@@ -226,7 +243,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.models:
-            rows += bench_model(m, args.calib, args.rounds, Path(tmp))
+            rows += bench_model(m, args.calib, args.rounds, Path(tmp), args.only)
     print(f"\nonnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}, nncf {nncf.__version__}; "
           f"{args.calib} calibration images; latency: {args.rounds} interleaved rounds, ratio to the same runtime's FP32")
     print(f"| model | row | metric | diff to FP32 [95 %] | diff to sensq default [95 %] | latency ratio [IQR] | ms | build s |\n"
@@ -239,7 +256,8 @@ def main():
               f"{r['diff_hi']:+.4f}] | {r['diff_default']:+.4f} [{r['diff_default_lo']:+.4f}, {r['diff_default_hi']:+.4f}] | "
               f"{r['ratio']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {r['ms']:.1f} | {r['build_s']:.1f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("ptq.json" if args.models == list(MODELS) else f"ptq_{'_'.join(args.models)}.json")
+    name = "ptq" if args.models == list(MODELS) else f"ptq_{'_'.join(args.models)}"
+    out = RESULTS / (f"{name}_only_{'_'.join(w.replace(' ', '-') for w in args.only)}.json" if args.only else f"{name}.json")
     out.write_text(json.dumps({"versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
                                             "nncf": nncf.__version__}, "calib": args.calib, "rounds": args.rounds,
                                "rows": rows}, indent=1, default=float))

@@ -1,7 +1,7 @@
 """sensq's search against the obvious baselines, side by side in one run, with the CLI's defaults.
 
     python bench/bench_search.py [--model yolov5n efficientnet] [--budget 50] [--strategies tpe greedy random]
-                                 [--repeat] [--confirm 0.5]
+                                 [--repeat] [--confirm 0.5] [--spaces precision]
 
 For each model, one calibration (timed) and then each strategy as its own study with its own per-sample store (so
 its wall time is what it costs alone), all sharing one latency book (a graph structure measured once is the same
@@ -13,8 +13,10 @@ Reported per strategy, on the held-out confirm split: the hypervolume of the fro
 `budget` plans in (latency ratio to FP32, metric) against the reference point (1.0, FP32 confirm metric - 0.03);
 wall time; plans until the first one faster than FP32 within 0.005 of it (search split); repeats; false prunes
 (every stopped trial is scored in full afterwards: would it have joined the front?). --repeat runs tpe a second
-time with fresh latency measurements and stores: shared plans must agree within their intervals.
-Writes bench/results/search_bench.json with every trial's record (raw numbers to recheck any claim).
+time with fresh latency measurements and stores: shared plans must agree within their intervals. --spaces runs each
+strategy again on other search spaces (row "tpe+precision": int8 / a16 / fp16 / fp32 per group, what the target
+runs), with the same seed, split and latency book, so HV(tpe) - HV(tpe+precision) gets its paired interval.
+Writes bench/results/search_bench.json (search_bench_<spaces>.json with --spaces) with every trial's record.
 """
 from __future__ import annotations
 
@@ -56,12 +58,12 @@ def prepare(model: str, cache: Path):
     return ws, ev, time.perf_counter() - t0
 
 
-def run_strategy(ws, ev, strategy: str, args, cache: Path, workdir: Path, book):
+def run_strategy(ws, ev, strategy: str, args, cache: Path, workdir: Path, book, space: str = "default"):
     from sensq.search import SearchSettings, SearchRun
 
     ws.cfg.cache_dir = str(cache / f"store-{workdir.name}")  # its own per-sample store: it pays for what it scores
     settings = SearchSettings(budget=args.budget, workdir=str(workdir), seed=args.seed, strategy=strategy,
-                              confirm=args.confirm)
+                              confirm=args.confirm, space=space)
     run = SearchRun(ws, ev, settings, progress=False, book=book)
     result = run.run()
     return run, result
@@ -206,6 +208,7 @@ def main():
     ap.add_argument("--repeat", action="store_true", help="run tpe twice (reproducibility)")
     ap.add_argument("--confirm", default="0.5", help="held-out part (the shared COCO set has 206 < 400 images)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spaces", nargs="*", default=[], help="other search spaces to run each strategy on (precision)")
     args = ap.parse_args()
     if not all(p.is_file() for p in MODELS.values()):
         sys.exit(f"shared data not found under {DATA} (set SENSQ_DATA)")
@@ -220,11 +223,12 @@ def main():
         for model in args.model:
             ws, ev, calib_s = prepare(model, tmp / model)
             book = LatencyBook()
-            runs = [(s, s) for s in args.strategies] + ([("tpe", "tpe-again")] if args.repeat else [])
-            for strategy, name in runs:
+            runs = [(s, s, "default") for s in args.strategies] + ([("tpe", "tpe-again", "default")] if args.repeat else [])
+            runs += [(s, f"{s}+{space}", space) for space in args.spaces for s in args.strategies]
+            for strategy, name, space in runs:
                 t0 = time.perf_counter()
                 run, result = run_strategy(ws, ev, strategy, args, tmp / model, tmp / model / name,
-                                           LatencyBook() if name == "tpe-again" else book)
+                                           LatencyBook() if name == "tpe-again" else book, space)
                 wall = time.perf_counter() - t0 + (calib_s if name == args.strategies[0] else 0.0)
                 row = summarize(model, name, run, result, records(run.study), wall)
                 rows.append(row)
@@ -242,7 +246,7 @@ def main():
             print(f"  vs {k:10} {v:+.5f} [{lo:+.5f}, {hi:+.5f}]")
     for model, agree in repeats.items():
         print(f"{model} reproducibility: {agree}")
-    write_results("search_bench", {"budget": args.budget, "rows": rows, "reproducibility": repeats,
+    write_results("_".join(["search_bench", *args.spaces]), {"budget": args.budget, "spaces": args.spaces, "rows": rows, "reproducibility": repeats,
                                    "hv_differences": differences,
                                    "hv_reference": f"(ratio 1.0, FP32 confirm metric - {HV_MARGIN})"})
 

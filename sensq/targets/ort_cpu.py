@@ -18,6 +18,6 @@ def ort_cpu() -> Target:
         latency="ort",
         activation_types=ACTIVATION_TYPES,
         runtime="onnxruntime CPUExecutionProvider",
-        fp16_note="ONNX Runtime's CPU provider runs float16 layers slower than float32 on x86 (yolov5n all-fp16: "
-                  "1.4x FP32's time, bench/bench_fp16.py), so fp16 is not offered for ort-cpu",
+        fp16_note="ONNX Runtime's CPU provider runs float16 layers slower than float32 on x86 (measured by "
+                  "bench/bench_ptq.py, rows FP16 everywhere: docs/benchmarks.md), so fp16 is not offered for ort-cpu",
     )
