@@ -18,6 +18,7 @@ def ort_cpu() -> Target:
         latency="ort",
         activation_types=ACTIVATION_TYPES,
         runtime="onnxruntime CPUExecutionProvider",
-        fp16_note="ONNX Runtime's CPU provider runs float16 layers slower than float32 on x86 (measured by "
-                  "bench/bench_ptq.py, rows FP16 everywhere: docs/benchmarks.md), so fp16 is not offered for ort-cpu",
+        fp16_note="ONNX Runtime's CPU provider runs float16 models no faster than float32 on x86 (all-fp16 / FP32: "
+                  "yolov5n 1.005x, YOLOX-Nano 0.951x [0.908, 1.013], EfficientNet-Lite0 1.385x; bench/bench_ptq.py), "
+                  "so fp16 is not offered for ort-cpu",
     )
