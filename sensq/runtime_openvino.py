@@ -122,4 +122,5 @@ def openvino_session(model, threads: int | None = None, precision: str = "f32") 
     """An evaluation session on OpenVINO (threads default: sensq.runtime.DEFAULT_THREADS)."""
     from .runtime import DEFAULT_THREADS
 
+    require_openvino()  # checked on every call: core() is cached, the package may have gone since
     return OpenVinoSession(model, threads or DEFAULT_THREADS, precision)
