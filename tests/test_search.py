@@ -57,7 +57,11 @@ def test_seeds_warm_start_and_budget_counts_distinct_plans(tiny_run):
     assert ws.build(ws.base_plan.with_float(top3.plan["float_nodes"])).SerializeToString() == \
         ws.build(ws.base_plan.with_float(top2.plan["float_nodes"])).SerializeToString()
     assert top3.repeat_of == top2.number and top3.model_hash == top2.model_hash and top3.metric == top2.metric
-    assert top3 not in counted and result.summary["model_repeats"] == {top3.number: top2.number}
+    # a sampled plan may build an earlier model too (latency is timed, so which ones depends on the machine): each
+    # such repeat must point at the trial that scored that model, which the loop below checks
+    repeats = result.summary["model_repeats"]
+    assert top3 not in counted and repeats[top3.number] == top2.number
+    assert set(repeats) == {r.number for r in every if r.repeat_of is not None}
     for r in every:  # every repeat names a trial that built the same model and was scored
         if r.repeat_of is not None:
             assert {x.number: x.model_hash for x in counted}[r.repeat_of] == r.model_hash

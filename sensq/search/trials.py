@@ -12,6 +12,7 @@ from typing import Callable
 from ..errors import RuntimeRejected
 from ..evaluators.scoring import model_hash
 from ..latency import bops, measure_paired, measurement_lock, structure_key
+from ..latency.paired import SEARCH_RUNS_PER_ROUND
 from ..latency.fusion import fusion_report
 from ..plan import PrecisionPlan
 from ..runtime import make_session
@@ -122,7 +123,8 @@ class TrialEvaluator:
             if found is not None:
                 return _booked(found)
             try:
-                lat = measure_paired(ctx.backend, model, ctx.reference_timer, lock_dir=ctx.lock_dir)
+                lat = measure_paired(ctx.backend, model, ctx.reference_timer, runs=SEARCH_RUNS_PER_ROUND,
+                                     lock_dir=ctx.lock_dir)
             except RuntimeRejected as e:
                 ctx.book.put(key, {"rejected": e.problem})
                 raise
