@@ -145,7 +145,17 @@ def rounding_error(dw: np.ndarray, h: np.ndarray) -> float:
 # solve -----------------------------------------------------------------------------------------------------------
 def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
     """Round the columns of w [g, r, K] onto the grid (scale per row [g, r]) one at a time, feeding each column's
-    error into the later ones through the upper Cholesky factor of H⁻¹."""
+    error into the later ones through the upper Cholesky factor of H⁻¹. Columns go in GPTQ's "act order" (largest
+    diag(H) first, per group): the inputs carrying the most energy are rounded while the most columns are left to
+    absorb their error (yolov5n: +0.0012 mAP50-95 on val, +0.0066 on held-out train images over input order)."""
+    order = np.argsort(-np.einsum("gkk->gk", h), axis=1, kind="stable")
+    g_idx = np.arange(w.shape[0])[:, None]
+    out = _gptq_in_order(np.take_along_axis(w, order[:, None, :], axis=2),
+                         h[g_idx[:, :, None], order[:, :, None], order[:, None, :]], scale, qmax)
+    return np.take_along_axis(out, np.argsort(order, axis=1)[:, None, :], axis=2)
+
+
+def _gptq_in_order(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
     w = w.copy()
     u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # H⁻¹ = UᵀU, U upper
     for i in range(w.shape[2]):

@@ -23,7 +23,7 @@ from .learned_rounding import (ConvSite, Moments, RoundingResult, accumulate, ap
 
 log = logging.getLogger("sensq")
 
-ALGORITHM_VERSION = 2  # 2: GPTQ on ||(W - Ŵ)x̃||², bias kept (1 fitted FP32 outputs and refit biases)
+ALGORITHM_VERSION = 3  # 3: act order; 2: GPTQ on ||(W - Ŵ)x̃||², bias kept; 1: fitted FP32 outputs, refit biases
 ROUNDING_SAMPLES = 32  # calibration images the moments are taken on (alternately fitting and checking)
 
 
