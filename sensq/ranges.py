@@ -50,7 +50,7 @@ ALGORITHM_VERSION = _code_version()
 class Grid:
     """Integer grid a range is mapped onto, as onnxruntime's QDQ quantizer maps it (get_qmin_qmax_for_qType and
     compute_scale_zp): asymmetric uint8 [0, 255] and int8 [-128, 127]; symmetric int8 [-127, 127] with scale a/127
-    and zero point 0; symmetric uint8 [0, 255] with zero point 128; the 16-bit types alike over 65536 codes."""
+    and zero point 0; symmetric uint8 [0, 255] with zero point 128 (onnxruntime 1.20: [0, 254], 127); the 16-bit types alike."""
 
     qmin: int = 0
     qmax: int = 255
@@ -58,10 +58,12 @@ class Grid:
 
     @classmethod
     def for_activation(cls, dtype: str, symmetric: bool) -> "Grid":
-        if dtype in ("int8", "int16"):
-            top = 127 if dtype == "int8" else 32767
-            return cls(-top, top, True) if symmetric else cls(-top - 1, top, False)
-        return cls(0, 65535 if dtype == "uint16" else 255, symmetric)
+        # onnxruntime's own bounds, not a copy: they moved between releases (symmetric uint8 is [0, 254] in 1.20)
+        from onnx import TensorProto
+        from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+        qmin, qmax = get_qmin_qmax_for_qType(getattr(TensorProto, dtype.upper()), symmetric=symmetric)
+        return cls(int(qmin), int(qmax), symmetric)
 
     @property
     def wide(self) -> bool:

@@ -17,6 +17,8 @@ from sensq.latency.fusion import fusion_report
 from sensq.plan import PrecisionPlan
 from sensq.statistics import CalibrationStats, TensorStats, float_activation_names
 
+ORT_VERSION = tuple(int(p) for p in ort.__version__.split(".")[:2])
+
 
 def chain(act: str) -> onnx.ModelProto:
     """x [1,3,16,16] -> conv1 -> Relu -> conv2 -> `act` -> conv3 (1x1) -> y [1,4,16,16]."""
@@ -75,6 +77,9 @@ def test_float_conv_between_dq_and_q_is_requantized_by_ort():
     b = builder(chain("Relu"))
     q = b.build(PrecisionPlan(float_nodes=["conv2"]))
     r = fusion_report(q, reference=b.model)
+    if ORT_VERSION < (1, 21):  # before WeightBiasQuantization the float island runs float, and is reported so
+        assert r["requantized_float_nodes"] == []
+        return
     assert r["requantized_float_nodes"] == ["conv2"]
     assert (r["island_q"], r["island_dq"]) == (0, 0)
     x = np.random.default_rng(2).random((1, 3, 16, 16), dtype=np.float32)
