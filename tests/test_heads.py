@@ -322,6 +322,9 @@ def test_a_float_conv_runs_in_float_in_onnxruntime(tmp_path):
     raw = ws.builder.build(plan)  # the builder's model without the shield
     (x2, y2), node2 = _conv_io_in_onnxruntime(raw, conv, feed)
     err = np.abs(y2 - _float_conv(node2, weights, x2)).max() / np.abs(y2).max()
+    if tuple(int(p) for p in ort.__version__.split(".")[:2]) < (1, 21):  # before WeightBiasQuantization
+        assert err < 1e-4  # the unshielded float conv already runs in float
+        return
     assert err > 1e-3, ("onnxruntime no longer re-quantizes float Conv weights behind a DequantizeLinear; "
                         "sensq.passes.float_shield.shield_float_nodes may be unnecessary now")
     assert shield_float_nodes(raw, plan.float_nodes) == 1 and shield_float_nodes(raw, plan.float_nodes) == 0

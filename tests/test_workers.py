@@ -145,13 +145,20 @@ def test_sigkill_one_worker_the_other_finishes_and_a_rerun_reaches_the_budget(ti
         p1, w1 = _start(tiny, tmp_path, postgres_url, 1, sleep=2.0)
         procs.append(p1)
 
+        first_seen: dict[int, float] = {}
+
         def worker1_mid_trial() -> bool:
+            # still running 0.3 s after first seen: a trial that evaluates (2 s), not one that ends at once as a
+            # repeat of an already-built model (the tiny model's all-float seed is the FP32 model)
             try:
                 study = _study(postgres_url, w1)
             except (OSError, ValueError):  # search.json not written yet (or being written)
                 return False
-            return any(t.state == TrialState.RUNNING and workers.PLAN_KEY in t.user_attrs
-                       and t.user_attrs["worker_identity"]["pid"] == p1.pid for t in study.get_trials(deepcopy=False))
+            now = time.monotonic()
+            return any(now - first_seen.setdefault(t.number, now) >= 0.3
+                       for t in study.get_trials(deepcopy=False)
+                       if t.state == TrialState.RUNNING and workers.PLAN_KEY in t.user_attrs
+                       and t.user_attrs["worker_identity"]["pid"] == p1.pid)
 
         _wait_for(worker1_mid_trial, 300, "worker 1 running a claimed trial", procs)
         os.kill(p1.pid, signal.SIGKILL)
@@ -254,6 +261,38 @@ def test_worker_waits_for_other_hosts_trial_in_flight_then_retries_it_when_stale
     retry = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == other.number]
     assert len(retry) == 1 and (retry[0].state == TrialState.COMPLETE or "duplicate_of" in retry[0].user_attrs)
     assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_a_model_in_flight_is_waited_for_only_while_its_worker_lives(tmp_path, monkeypatch):
+    """Two workers built the same model; the other one is scoring it. While it lives this one waits (one model, one
+    trial); once it is killed its trial is failed and this one claims the model instead of waiting forever (a kill
+    mid-trial after this worker's last reclaim left it waiting in the 2-worker SIGKILL test)."""
+    import socket
+
+    monkeypatch.setattr(workers, "POLL_SECONDS", 0.05)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", workers.HEARTBEAT_INTERVAL, workers.GRACE_PERIOD)
+    study = optuna.create_study(study_name="s", storage=storage)
+    coord = Coordinator(storage, "s")
+    other_worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = study.ask()
+    other.set_user_attr("worker_identity", {"host": socket.gethostname(), "pid": other_worker.pid, "worker": 1})
+    other.set_user_attr(workers.MODEL_HASH, "h")
+    mine = study.ask()
+    out = {}
+    waiter = threading.Thread(target=lambda: out.update(r=workers.claim_model(study, coord, mine, "h", lambda: None)),
+                              daemon=True)
+    try:
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and workers.MODEL_HASH not in study.trials[mine.number].user_attrs  # waits
+    finally:
+        other_worker.kill()
+        other_worker.wait()
+    waiter.join(30)
+    assert not waiter.is_alive(), "still waiting for a dead worker's trial"
+    trials = study.get_trials()
+    assert out["r"] is None and trials[mine.number].user_attrs[workers.MODEL_HASH] == "h"
+    assert trials[other.number].state == TrialState.FAIL
 
 
 # ------------------------------------------------------------------------------------------------ the lock itself

@@ -272,18 +272,11 @@ class SearchRun:
     def same_model(self, trial, model_hash: str) -> TrialRecord | None:
         """The scored trial (not a warm-start entry) that built this very model, else None after claiming the hash
         for `trial` (study lock); a model another worker is scoring right now is waited for."""
-        while True:
-            with self.coord.lock():
-                earlier = next((r for r in self.records() if r.model_hash == model_hash and r.source != "sensitivity"
-                                and r.repeat_of is None), None)
-                if earlier is not None:
-                    return earlier
-                running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                if not any(t.user_attrs.get(workers.MODEL_HASH) == model_hash and t.number != trial.number
-                           for t in running):
-                    trial.set_user_attr(workers.MODEL_HASH, model_hash)
-                    return None
-            time.sleep(workers.POLL_SECONDS)
+        def scored():
+            return next((r for r in self.records() if r.model_hash == model_hash and r.source != "sensitivity"
+                         and r.repeat_of is None), None)
+
+        return workers.claim_model(self.study, self.coord, trial, model_hash, scored)
 
     def trials(self) -> None:
         """Until the study (all its workers together) has scored `budget` distinct plans. Plans other workers are

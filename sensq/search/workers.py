@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -101,3 +102,20 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial):
 
     with get_heartbeat_thread(trial._trial_id, study._storage):
         yield
+
+
+def claim_model(study: optuna.Study, coord, trial: optuna.Trial, model_hash: str, scored):
+    """`scored()` (the record of a trial that already scored this model) if there is one; else None once `trial` has
+    claimed the hash (under the study lock). While another worker's trial scores the same model this waits for it,
+    reclaiming dead workers' trials on every look: a worker killed mid-trial would otherwise be waited for forever."""
+    while True:
+        with coord.lock():
+            earlier = scored()
+            if earlier is not None:
+                return earlier
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not any(t.user_attrs.get(MODEL_HASH) == model_hash and t.number != trial.number for t in running):
+                trial.set_user_attr(MODEL_HASH, model_hash)
+                return None
+        time.sleep(POLL_SECONDS)
+        reclaim(study, coord)
