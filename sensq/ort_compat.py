@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-SUPPORTED = (">=1.20", "<1.33")  # what the tests run against (oldest pinned, 1.31.1 and 1.32.0); pyproject.toml says the same
+SUPPORTED = (">=1.20", "<1.33")  # the full test suite passes on 1.20.1 (oldest) and 1.32.0 (newest, CI); pyproject.toml says the same
 INTERNALS = {
     "onnxruntime.quantization.qdq_quantizer": ("QDQQuantizer", "find_by_name"),
     "onnxruntime.quantization.calibrate": ("CalibrationMethod", "TensorData", "TensorsData"),
