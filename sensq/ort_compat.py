@@ -31,6 +31,14 @@ def missing_internals() -> list[str]:
     return out
 
 
+def requantizes_float_weights() -> bool:
+    """onnxruntime >= 1.21 (graph optimizer WeightBiasQuantization) quantizes the float weights of a Conv/Gemm that
+    reads a DequantizeLinear output, so a float node needs sensq's shield (passes/float_shield.py); 1.20 runs it float."""
+    import onnxruntime
+
+    return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2]) >= (1, 21)
+
+
 def check_onnxruntime() -> None:
     import onnxruntime
 
