@@ -393,3 +393,25 @@ def test_two_processes_calibrating_into_one_cache_share_one_pass(tiny, tmp_path)
     for name in a.tensors:
         assert np.array_equal(a.tensors[name].hist, b.tensors[name].hist)
         assert (a.tensors[name].min, a.tensors[name].max) == (b.tensors[name].min, b.tensors[name].max)
+
+
+def test_a_worker_checks_its_reference_against_the_studys(caplog):
+    """Another worker's FP32/all-INT8 models: refused; the same models scored to other per-sample values (another
+    machine's store): a warning naming that machine; the same values: silent."""
+    from types import SimpleNamespace
+
+    from sensq.errors import SensqError
+    from sensq.search.reference import check_reference, reference_doc, reference_values
+
+    split = SimpleNamespace(search=np.arange(6), low_indices=np.arange(3))
+    result = lambda v: SimpleNamespace(value=lambda idx: np.asarray(v, float)[idx])  # noqa: E731
+    fp32, int8 = result([1, 2, 3, 4, 5, 6]), result([1, 2, 2, 4, 4, 6])
+    doc = reference_doc(fp32, int8, "f", "i", split, worker=0)
+    assert doc["int8"]["low"].tolist() == [1, 2, 2] and doc["by"]["worker"] == 0
+    with pytest.raises(SensqError, match="differ from those of study s"):
+        check_reference(doc, "f", "other", reference_values(fp32, int8, split), "s")
+    with caplog.at_level("WARNING", logger="sensq"):
+        check_reference(doc, "f", "i", reference_values(fp32, int8, split), "s")
+        assert not caplog.records
+        check_reference(doc, "f", "i", reference_values(fp32, result([1, 2, 3, 4, 4, 6]), split), "s")
+    assert len(caplog.records) == 1 and doc["by"]["host"] in caplog.records[0].getMessage()

@@ -6,10 +6,9 @@ command resumes). A trial is data (search/records.py); the front rule lives in s
 """
 from __future__ import annotations
 
-import math
-
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -36,6 +35,7 @@ from ..targets import get_target
 from .fidelity import PRUNE_BOOT, ratio_and_ci
 from .proposals import ProposalContext, Proposer, make_sampler
 from .records import ATTR, LatencyBook, TrialRecord, records
+from .reference import check_reference, reference_doc, reference_values
 from .settings import STRATEGIES, SearchSettings
 from .confirmation import confirm_front, labeled_confirm_scorer, make_scorer
 from .latency_confirm import confirm_latency
@@ -166,10 +166,16 @@ class SearchRun:
         self.guard = PlanGuard(self.ws) if self.ws.data is not None and not self.ws.cfg.data_free else None
         self._connect()
         # scored by the study's first worker (the others wait, then read its per-sample results from the store)
-        self.shared_reference, _ = self.coord.shared("reference", lambda: self._reference_doc(int8_model))
+        def publish() -> dict:
+            return reference_doc(self.scorer.score(self.ws.model, self.fp32_hash, self.split.search),
+                                 self.scorer.score(int8_model, self.int8_hash, self.split.search),
+                                 self.fp32_hash, self.int8_hash, self.split, self.settings.worker)
+
+        shared, _ = self.coord.shared("reference", publish)
         self.fp32 = self.scorer.score(self.ws.model, self.fp32_hash, self.split.search)
         self.int8 = self.scorer.score(int8_model, self.int8_hash, self.split.search)
-        self._check_reference()
+        check_reference(shared, self.fp32_hash, self.int8_hash, reference_values(self.fp32, self.int8, self.split),
+                        self.study_name)
         self.macs = macs_per_node(self.ws.model)
         self.total_macs = sum(self.macs.values())
         threads = getattr(self.backend, "threads", None)
@@ -177,30 +183,6 @@ class SearchRun:
         self.reference_timer = Reference(self.backend, self.ws.model)
         with measurement_lock(self.lock_dir):
             self.fp32_latency = self.backend.measure(self.ws.model)  # this run's FP32, for "measured ms (this run)"
-
-    def _reference_doc(self, int8_model) -> dict:
-        split = self.split
-        fp32 = self.scorer.score(self.ws.model, self.fp32_hash, split.search)
-        int8 = self.scorer.score(int8_model, self.int8_hash, split.search)
-        return {"fp32_hash": self.fp32_hash, "int8_hash": self.int8_hash,
-                "fp32": {"search": fp32.value(split.search), "low": fp32.value(split.low_indices)},
-                "int8": {"search": int8.value(split.search), "low": int8.value(split.low_indices)},
-                "by": workers.identity(self.settings.worker)}
-
-    def _check_reference(self) -> None:
-        """Every worker scores against the same FP32 and all-INT8: the published models, and (with the per-sample store
-        on another machine's disk) the same values, else say so."""
-        ref, split = self.shared_reference, self.split
-        if (ref["fp32_hash"], ref["int8_hash"]) != (self.fp32_hash, self.int8_hash):
-            raise SensqError(f"this worker's FP32/all-INT8 models differ from those of study {self.study_name}",
-                             "run every worker with the same sensq version, model, calibration data and options")
-        mine = {"fp32": {"search": self.fp32.value(split.search), "low": self.fp32.value(split.low_indices)},
-                "int8": {"search": self.int8.value(split.search), "low": self.int8.value(split.low_indices)}}
-        same = all(np.array_equal(mine[m][k], ref[m][k], equal_nan=True) for m in mine for k in mine[m])
-        if not same:
-            log.warning("FP32/all-INT8 scored on this machine (%s) differ from the study's (%s, by %s): intervals here use "
-                        "this machine's per-sample results; share --cache-dir between workers to make them identical",
-                        mine, {"fp32": ref["fp32"], "int8": ref["int8"]}, ref["by"].get("host"))
 
     def sensitivity(self) -> None:
         from ..sensitivity import sensitivity_key, summary, write_report
